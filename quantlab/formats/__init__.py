@@ -1,0 +1,14 @@
+"""All quantization numerics. Calibrators, kernels' reference paths, export and tests call only this.
+
+    quantize(x, fmt, *, group_size=None, per_tensor=False, amax=None, amin=None, global_amax=None) -> QTensor
+    dequantize(q, dtype=torch.float32) -> Tensor
+    quantize_dequantize(x, fmt, **same) -> Tensor          # simulated value, x's dtype
+
+``fmt`` is one of ``FORMATS``: int8, int4, int4_asym, fp8_e4m3, fp8_e5m2, nvfp4, mxfp4.
+docs/formats.md states each format's numerics with a worked example.
+"""
+
+from .core import QTensor, dequantize, quantize, quantize_dequantize
+from .spec import FORMATS, INT_GROUP_SIZES, FormatSpec, get_spec
+
+__all__ = ["FORMATS", "INT_GROUP_SIZES", "FormatSpec", "QTensor", "dequantize", "get_spec", "quantize", "quantize_dequantize"]

@@ -1,0 +1,172 @@
+"""quantize / dequantize / quantize_dequantize: the one entry point to every format's numerics.
+
+Granularity follows the last dimension, the input-feature axis of a weight ``[out, in]`` and the hidden
+axis of an activation ``[..., tokens, hidden]``:
+- per tensor (``per_tensor=True``): one scale, shape [1];
+- per channel / per token (default): one scale per row, shape ``x.shape[:-1] + (1,)``;
+- per group (``group_size=g``): ``x.shape[:-1] + (K // g,)``. The fp4 formats always use their fixed
+  block (16 for nvfp4, 32 for mxfp4). A last dimension not divisible by the group is an error: quantlab
+  never pads, because a padded checkpoint would not load in vLLM.
+These scale shapes are the ones compressed-tensors stores, so export needs no reshaping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FormatError
+from . import fp4, fp8, integer
+from .spec import FormatSpec, get_spec
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: unpacked codes plus everything needed to decode them.
+
+    Attributes:
+        fmt: format name (a key of ``FORMATS``).
+        codes: unpacked codes, same shape as the original: int8 for int formats (zero point included),
+            float8 for fp8, uint8 E2M1 codes (0..15) for fp4. ``quantlab.formats.pack`` packs them.
+        scale: scales in the format's storage dtype, shaped as described in the module docstring
+            (E8M0 biased exponents for mxfp4, E4M3 for nvfp4).
+        zero_point: int8 zero points shaped like ``scale`` (asymmetric formats), else None.
+        global_scale: nvfp4's float32 encode-direction global scale, shape [1], else None.
+        group_size: group/block length, or None for per-channel and per-tensor.
+        per_tensor: True when one scale covers the whole tensor.
+    """
+
+    fmt: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    group_size: int | None = None
+    per_tensor: bool = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+def _group_size_for(spec: FormatSpec, group_size: int | None, per_tensor: bool) -> int | None:
+    if spec.family == "fp4":
+        if per_tensor or (group_size is not None and group_size != spec.block_size):
+            raise FormatError(f"{spec.name} uses fixed blocks of {spec.block_size} (got group_size={group_size}, per_tensor={per_tensor})")
+        return spec.block_size
+    if per_tensor and group_size is not None:
+        raise FormatError("per_tensor and group_size are mutually exclusive")
+    return group_size
+
+
+def _grouped(x: torch.Tensor, group_size: int | None, per_tensor: bool) -> torch.Tensor:
+    """View ``x`` as [..., groups, group_len] so every format reduces over the last dimension."""
+    if per_tensor:
+        return x.reshape(1, 1, -1)
+    if group_size is None:
+        return x.unsqueeze(-2)
+    k = x.shape[-1]
+    if k % group_size:
+        raise FormatError(f"last dimension {k} is not divisible by group size {group_size}")
+    return x.reshape(*x.shape[:-1], k // group_size, group_size)
+
+
+def _scale_shape(xg: torch.Tensor, per_tensor: bool) -> tuple[int, ...]:
+    return (1,) if per_tensor else tuple(xg.shape[:-1])
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    group_size: int | None = None,
+    per_tensor: bool = False,
+    amax: torch.Tensor | None = None,
+    amin: torch.Tensor | None = None,
+    global_amax: torch.Tensor | None = None,
+) -> QTensor:
+    """Quantize ``x`` to ``fmt``.
+
+    Args:
+        x: float tensor, at least 1-D; quantized along its last dimension (see module docstring).
+        fmt: a key of ``FORMATS``.
+        group_size: group length for int/fp8 formats (fp4 formats use their own block).
+        per_tensor: one scale for the whole tensor (static activations, per-tensor FP8 weights).
+        amax, amin: the range to map, broadcastable to the scale shape; default min-max of ``x``.
+            Observers (percentile, MSE search) and static calibration pass them. Symmetric formats
+            use max(|amin|, |amax|); ``amin`` defaults to ``-amax``.
+        global_amax: nvfp4 only: the tensor-wide absolute maximum behind the global scale
+            (a calibrated value for static activation global scales); default ``x``'s.
+
+    Returns:
+        QTensor with codes of ``x``'s shape.
+
+    Raises:
+        FormatError: on NaN/inf input or a last dimension not divisible by the group.
+    """
+    spec = get_spec(fmt)
+    if x.numel() == 0:
+        raise FormatError("cannot quantize an empty tensor")
+    if not torch.isfinite(x).all():
+        raise FormatError(f"cannot quantize to {fmt}: the tensor contains NaN or inf")
+    gs = _group_size_for(spec, group_size, per_tensor)
+    xg = _grouped(x.float(), gs, per_tensor)
+    shape = _scale_shape(xg, per_tensor)
+    if amax is None:
+        hi, lo = xg.amax(-1), xg.amin(-1)
+    else:
+        hi = amax.float().expand(xg.shape[:-1]) if amax.numel() > 1 else amax.float().reshape(1).expand(xg.shape[:-1])
+        lo = -hi if amin is None else (amin.float().expand(xg.shape[:-1]) if amin.numel() > 1 else amin.float().reshape(1).expand(xg.shape[:-1]))
+    hi, lo = hi.unsqueeze(-1), lo.unsqueeze(-1)
+
+    zero_point = global_scale = None
+    if spec.family == "int":
+        scale, zero_point = integer.qparams(lo, hi, spec)
+        codes = integer.encode(xg, scale, zero_point, spec)
+    elif spec.family == "fp8":
+        scale = fp8.qparams(lo, hi, spec)
+        codes = fp8.encode(xg, scale, spec)
+    elif spec.name == "nvfp4":
+        block_amax = torch.maximum(lo.abs(), hi.abs())
+        g_amax = block_amax.max() if global_amax is None else global_amax
+        global_scale = fp4.nvfp4_global_scale(g_amax)
+        scale = fp4.nvfp4_block_scale(block_amax, global_scale)
+        codes = fp4.nvfp4_encode(xg, scale, global_scale)
+    else:  # mxfp4
+        scale = fp4.mxfp4_block_scale(torch.maximum(lo.abs(), hi.abs()))
+        codes = fp4.mxfp4_encode(xg, scale)
+    return QTensor(
+        fmt=fmt,
+        codes=codes.reshape(x.shape),
+        scale=scale.reshape(shape),
+        zero_point=None if zero_point is None else zero_point.reshape(shape),
+        global_scale=global_scale,
+        group_size=gs,
+        per_tensor=per_tensor,
+    )
+
+
+def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode a QTensor to ``dtype`` (float32 arithmetic, one rounding to ``dtype`` at the end)."""
+    spec = get_spec(q.fmt)
+    cg = _grouped(q.codes, q.group_size, q.per_tensor)
+    scale = q.scale.reshape(cg.shape[:-1]).unsqueeze(-1) if not q.per_tensor else q.scale.reshape(1, 1, 1)
+    zp = None if q.zero_point is None else q.zero_point.reshape(scale.shape)
+    if spec.family == "int":
+        values = integer.decode(cg, scale, zp)
+    elif spec.family == "fp8":
+        values = fp8.decode(cg, scale)
+    elif spec.name == "nvfp4":
+        values = fp4.nvfp4_decode(cg, scale, q.global_scale)
+    else:
+        values = fp4.mxfp4_decode(cg, scale)
+    return values.reshape(q.codes.shape).to(dtype)
+
+
+def quantize_dequantize(x: torch.Tensor, fmt: str, **kwargs) -> torch.Tensor:
+    """Simulated quantization: ``dequantize(quantize(x, fmt, **kwargs))`` in ``x``'s dtype.
+
+    Takes the same keyword arguments as ``quantize``; the result has ``x``'s shape and dtype.
+    """
+    return dequantize(quantize(x, fmt, **kwargs), dtype=x.dtype)
