@@ -1,8 +1,27 @@
-"""AWQ (Lin et al. 2024): activation-aware per-input-channel scales, then weight clipping search."""
+"""AWQ (Lin et al. 2024): activation-aware per-input-channel scales, then weight clipping search.
+
+Input channels that carry large activations matter most to the output, so AWQ multiplies their weight
+columns by s > 1 before rounding (less relative rounding error) and divides the activations by s (folded
+into the previous op, ``quantlab.algorithms.folding.fold_scales``). s is found by a grid search on the
+calibration inputs, following AutoAWQ's ``_search_best_scale``; a per-group clipping ratio is then
+searched as in AutoAWQ's ``_compute_best_clip``. Both searches quantize through ``observers`` and
+``formats``, so they work for every weight scheme (int4 groups, int8 channels, nvfp4/mxfp4 blocks).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
+
+from .. import formats, observers
+from ..recipe.schema import WeightScheme
+from .folding import fold_scales
+
+__all__ = ["AWQParams", "fold_scales", "search_clip", "search_scales"]
+
+Forward = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,3 +41,177 @@ class AWQParams:
     clip_search: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
+
+
+def _group_len(w: torch.Tensor, scheme: WeightScheme) -> int:
+    """Length of the input-dimension run sharing one scale (the whole row for channel and tensor)."""
+    return scheme.group_size if scheme.granularity == "group" else w.shape[-1]
+
+
+def _fake_quant(w: torch.Tensor, scheme: WeightScheme, **ranges) -> torch.Tensor:
+    return formats.dequantize(observers.quantize_weight(w, scheme, **ranges))
+
+
+def _concat_outputs(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x @ w.T for w in weights], dim=-1)
+
+
+def _weight_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
+    """AutoAWQ's w_mean: mean over output rows of |W| normalized to [0, 1] within each quant group."""
+    w = torch.cat(weights).abs()
+    if scheme.granularity == "tensor":
+        return (w / (w.amax() + 1e-6)).mean(0)
+    g = w.reshape(w.shape[0], -1, _group_len(w, scheme))
+    return (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+
+
+def _candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float) -> torch.Tensor:
+    """AutoAWQ's scales for one grid ratio, normalized so that max * min = 1."""
+    if w_mean is None:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def search_scales(x: torch.Tensor, weights: list[torch.Tensor], forward: Forward | None,
+                  weight_scheme: WeightScheme, params: AWQParams) -> tuple[torch.Tensor, dict]:
+    """Per-input-channel scales for a group of linears reading the same input.
+
+    For ratio in {0, 1/grid, ..., (grid-1)/grid}, ``s = x_mean^ratio / w_mean^(1 - ratio)``
+    (``duo_scaling``) or ``s = x_mean^ratio``, where x_mean is mean |x| per input channel and w_mean is
+    ``_weight_mean``. Each candidate is scored by the MSE between the float output and the output with
+    weights ``Q(W s) / s`` (the float equivalent of folding s and quantizing). ``s = 1`` is scored too,
+    so the result is never worse than no scaling on this objective (with ``duo_scaling`` ratio 0 means
+    ``s = 1 / w_mean``, not 1).
+
+    Args:
+        x: [tokens, in] (or [..., in]) calibration inputs to the group, float.
+        weights: the group's weights, [out_i, in] each (q/k/v, or gate/up, ...).
+        forward: ``forward(x, weights) -> Tensor`` computing the output to match from ``x`` and
+            (fake-quantized) weights in the order given, e.g. a whole attention block. None uses the
+            concatenation of ``x @ W_i^T``.
+        weight_scheme: the scheme the weights will be rounded with; quantized with its observer.
+        params: ``grid`` and ``duo_scaling`` are used.
+
+    Returns:
+        (scales float32 [in], info) where info has ``ratio`` (the grid ratio of the returned scales, or
+        None when s = 1 won), ``loss`` (theirs), ``loss_unscaled`` (s = 1) and ``losses``
+        ({ratio: loss} over the grid).
+    """
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    ws = [w.detach().float() for w in weights]
+    forward = forward or _concat_outputs
+    reference = forward(x, ws)
+
+    def loss_of(s: torch.Tensor) -> float:
+        quantized = [_fake_quant(w * s, weight_scheme) / s for w in ws]
+        return (forward(x, quantized) - reference).float().pow(2).mean().item()
+
+    x_mean = x.abs().mean(0)
+    w_mean = _weight_mean(ws, weight_scheme) if params.duo_scaling else None
+    best_scales = torch.ones_like(x_mean)
+    best_ratio, best_loss = None, loss_of(best_scales)
+    loss_unscaled, losses = best_loss, {}
+    for i in range(params.grid):
+        ratio = i / params.grid
+        s = _candidate_scales(x_mean, w_mean, ratio)
+        losses[ratio] = loss_of(s)
+        if losses[ratio] < best_loss:
+            best_scales, best_ratio, best_loss = s, ratio, losses[ratio]
+    return best_scales, {"ratio": best_ratio, "loss": best_loss, "loss_unscaled": loss_unscaled, "losses": losses}
+
+
+def _group_output_error(x: torch.Tensor, diff: torch.Tensor, group_len: int) -> torch.Tensor:
+    """mean over tokens of (x_g . diff_{o,g})^2 per output row o and group g: [out, groups].
+
+    Output rows are processed in chunks so the [rows, tokens, groups] product stays near 16M floats.
+    """
+    num_tokens, num_groups = x.shape[0], x.shape[1] // group_len
+    xg = x.reshape(num_tokens, num_groups, group_len)
+    chunk = max(1, (1 << 24) // (num_tokens * num_groups))
+    errs = []
+    for start in range(0, diff.shape[0], chunk):
+        dg = diff[start:start + chunk].reshape(-1, num_groups, group_len)
+        errs.append(torch.einsum("tgk,ogk->otg", xg, dg).pow(2).mean(1))
+    return torch.cat(errs)
+
+
+@torch.no_grad()
+def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightScheme, params: AWQParams,
+                max_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-scale-entry clipping ranges minimizing each group's output error (AutoAWQ's clip search).
+
+    Each group's min-max range is shrunk by ratios ``linspace(1, max_shrink, clip_grid)`` and the ratio
+    with the least ``mean_t (x_g . (w_g - Q(w_g)))^2`` is kept per group (AutoAWQ steps by
+    1/n_grid and stops short of max_shrink; here ``clip_grid`` counts the ratios, as ``AWQParams``
+    says). Ratio 1 is tried first and kept on ties, so no group is worse than min-max on this
+    objective. With tensor granularity there is one range and the error is summed over all groups.
+    nvfp4's global scale stays the full weight's (``observers.quantize_weight``).
+
+    Args:
+        x: [tokens, in] inputs of this linear as it will see them (after any scale folding).
+        weight: [out, in], after scale folding.
+        weight_scheme: the scheme it will be rounded with; the ranges found replace its observer.
+        params: ``clip_grid`` and ``max_shrink`` are used.
+        max_tokens: tokens used, taken at an even stride as AutoAWQ does (n_sample_token).
+
+    Returns:
+        (amin, amax) float32, shaped like ``observers.minmax``'s output, ready for
+        ``observers.quantize_weight(weight, scheme, amin=, amax=)``. Symmetric formats get amin = -amax.
+    """
+    w = weight.detach().float()
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    x = x[::max(1, x.shape[0] // max_tokens)][:max_tokens]
+    lo, hi = observers.minmax(w, weight_scheme)
+    if formats.get_spec(weight_scheme.format).symmetric:
+        hi = torch.maximum(lo.abs(), hi.abs())
+        lo = -hi
+    best_lo, best_hi = lo.clone(), hi.clone()
+    best_err = torch.full_like(hi, float("inf"))
+    group_len = _group_len(w, weight_scheme)
+    for ratio in torch.linspace(1.0, params.max_shrink, max(1, params.clip_grid)).tolist():
+        diff = w - _fake_quant(w, weight_scheme, amin=lo * ratio, amax=hi * ratio)
+        err = _group_output_error(x, diff, group_len)
+        err = err.sum().reshape(1) if weight_scheme.granularity == "tensor" else err.reshape(hi.shape)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * ratio, best_lo)
+        best_hi = torch.where(better, hi * ratio, best_hi)
+    return best_lo, best_hi
+
+
+# AutoAWQ does not clip q/k: their errors pass through softmax, which the per-Linear objective misjudges.
+_NO_CLIP = ("q_proj", "k_proj")
+
+
+def _clamp_to_ranges(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """``w`` clamped group-wise to [amin, amax] (ranges shaped like ``observers.minmax`` returns)."""
+    if scheme.granularity == "tensor":
+        return w.clamp(amin.reshape(()), amax.reshape(()))
+    g = _group_len(w, scheme)
+    wg = w.reshape(w.shape[0], -1, g)
+    return torch.clamp(wg, amin.reshape(w.shape[0], -1, 1), amax.reshape(w.shape[0], -1, 1)).reshape(w.shape)
+
+
+def apply(ctx, params: AWQParams) -> None:
+    """Pipeline adapter: search and fold activation-aware scales for each foldable group of the layer,
+    then (``clip_search``) clamp each Linear's weights to its searched per-group range, so the rounder's
+    min-max observer sees the clipped range."""
+    inputs = ctx.capture_inputs([m.linears[0] for m in ctx.mappings])
+    for m in ctx.mappings:
+        linears = [ctx.targets[n] for n in m.linears]
+        weights = [lin.weight.detach().float() for lin in linears]
+        scales, _ = search_scales(inputs[m.linears[0]], weights, None, ctx.schemes[m.linears[0]].weights, params)
+        fold_scales(ctx.layer.get_submodule(m.prev), linears, scales)
+    if not params.clip_search:
+        return
+    names = [n for n in ctx.targets if not n.endswith(_NO_CLIP)]
+    inputs = ctx.capture_inputs(names)  # after folding: the scaled inputs the quantized weights will see
+    for n in names:
+        lin, scheme = ctx.targets[n], ctx.schemes[n].weights
+        w = lin.weight.detach().float()
+        amin, amax = search_clip(inputs[n], w, scheme, params)
+        lin.weight.data.copy_(_clamp_to_ranges(w, scheme, amin, amax).to(lin.weight.dtype))

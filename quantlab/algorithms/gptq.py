@@ -1,8 +1,31 @@
-"""GPTQ (Frantar et al. 2023): Hessian-aware column-by-column rounding with error compensation."""
+"""GPTQ (Frantar et al. 2023): Hessian-aware column-by-column rounding with error compensation.
+
+Per Linear, GPTQ sees ``H = 2/n * sum_t x_t x_t^T`` over the calibration tokens and rounds the weight one
+input column at a time, in the order of Algorithm 1 of the paper: each column is rounded with
+``quantlab.formats``, and its rounding error, scaled by the inverse Hessian, is pushed onto the
+columns not yet rounded so the layer's output moves as little as possible. Blocks of ``block_size``
+columns are updated lazily (the paper's section 3.2), which changes the memory traffic, not the result.
+
+The pipeline calls ``accumulate_hessian`` on each Linear's inputs, then ``gptq_quantize`` per Linear.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .. import formats, observers
+from ..errors import CalibrationError
+from ..recipe.schema import WeightScheme
+
+logger = logging.getLogger(__name__)
+
+# A Hessian that is not positive definite after dampening is retried with 10x the dampening,
+# this many times (so up to 10**4 x the recipe's value) before calibration stops.
+_MAX_DAMPING_RETRIES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,10 +37,265 @@ class GPTQParams:
         dampening: fraction of the mean Hessian diagonal added to the diagonal.
         act_order: process columns by decreasing Hessian diagonal.
         static_groups: with act_order, compute group scales before reordering so groups stay
-            contiguous and no ``g_idx`` is needed in the checkpoint.
+            contiguous and no ``g_idx`` is needed in the checkpoint. With False, groups are formed in
+            processing order and ``GPTQStats.g_idx`` says which group each column joined.
     """
 
     block_size: int = 128
     dampening: float = 0.01
     act_order: bool = False
     static_groups: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GPTQStats:
+    """What one ``gptq_quantize`` call did.
+
+    Attributes:
+        damping: the dampening fraction finally used (``params.dampening`` unless retries raised it).
+        num_damping_retries: how many times the dampening was multiplied by 10 because the Hessian
+            was not positive definite (0 normally).
+        num_dead_inputs: input features whose Hessian diagonal was 0 (never active in calibration);
+            their weights are set to 0.
+        output_mse: ``tr((W - Q) H (W - Q)^T) / (2 * out)`` with the undamped Hessian: the mean squared
+            error of the layer's outputs over the calibration tokens and output features.
+        g_idx: only for act_order with static_groups=False and group granularity, else None: int32
+            [in], the group of each input column (original order). The returned QTensor then holds the
+            columns in group order, ``perm = torch.argsort(g_idx, stable=True)``: its column ``j`` is
+            original column ``perm[j]``, so ``formats.dequantize(qt)[:, torch.argsort(perm)]`` is the
+            weight in original order and ``qt.codes[:, torch.argsort(perm)]`` the codes a checkpoint
+            with ``weight_g_idx`` stores. (fp4 checkpoints have no g_idx: use static_groups there.)
+    """
+
+    damping: float
+    num_damping_retries: int
+    num_dead_inputs: int
+    output_mse: float
+    g_idx: torch.Tensor | None = None
+
+
+def accumulate_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Add a batch of Linear inputs to the running Hessian ``H = 2/n * sum_t x_t x_t^T``.
+
+    H is kept as a running mean, so its scale does not depend on how many batches were seen, and it
+    is accumulated in float32 whatever ``x``'s dtype.
+
+    Args:
+        h: the Hessian so far, float32 [in, in] on ``x``'s device, or None before the first batch. It
+            is updated in place (an [in, in] copy per batch would double the memory of wide layers).
+        n: number of tokens already in ``h``.
+        x: inputs [..., in]; every leading index is one token.
+
+    Returns:
+        (h, n + number of tokens in x).
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    if h is None:
+        h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    total = n + x.shape[0]
+    if x.shape[0] == 0:
+        return h, n
+    h.mul_(n / total).addmm_(x.T, x, alpha=2.0 / total)
+    return h, total
+
+
+def _upper_inverse_cholesky(h: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising the damping until H is PD.
+
+    The factor's rows are exactly the inverse-Hessian rows Algorithm 1 needs after the earlier columns
+    have been eliminated (the paper's section 3.3), so no per-column inverse update is done.
+    """
+    mean_diag = torch.diag(h).mean()
+    base = dampening if dampening > 0 else 1e-3  # so that a recipe's dampening 0 can still be retried
+    for retry in range(_MAX_DAMPING_RETRIES + 1):
+        fraction = dampening if retry == 0 else base * 10**retry
+        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (fraction * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                if retry:
+                    logger.warning("GPTQ: the Hessian is not positive definite with dampening %g; raised it "
+                                   "to %g (x%g)", dampening, fraction, fraction / base)
+                return upper, fraction, retry
+    raise CalibrationError(f"GPTQ: the Hessian is not positive definite even with dampening {fraction:g} "
+                           f"({_MAX_DAMPING_RETRIES} retries at 10x each); the calibration inputs are degenerate")
+
+
+def _quantize_column(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, amax: torch.Tensor,
+                     global_amax: torch.Tensor) -> torch.Tensor:
+    """Round one column [out] against its group's range (broadcastable to [out, 1]) via ``formats``."""
+    fmt = scheme.format
+    block = formats.get_spec(fmt).block_size
+    extra = {"global_amax": global_amax} if fmt == "nvfp4" else {}
+    if block is not None:
+        # fp4 formats only take whole blocks. With the range given, a block's scale does not depend on
+        # its elements, so a block of copies of the column rounds each element as it would alone.
+        x = w.unsqueeze(1).expand(-1, block)
+        return formats.quantize_dequantize(x, fmt, amin=amin, amax=amax, **extra)[:, 0]
+    # Int/fp8 scales are computed elementwise from the range, so a one-column "channel" with the
+    # group's range gets the very scale (and zero point) the group stores.
+    per_tensor = scheme.granularity == "tensor"
+    return formats.quantize_dequantize(w.unsqueeze(1), fmt, amin=amin, amax=amax, per_tensor=per_tensor, **extra)[:, 0]
+
+
+class _Rounded(NamedTuple):
+    """The loop's result in the layout ``formats.quantize`` wants: q [out, in] with its groups
+    contiguous (columns in ``order`` of the original, None = original order) and the ranges used."""
+
+    q: torch.Tensor
+    amin: torch.Tensor
+    amax: torch.Tensor
+    global_amax: torch.Tensor
+    order: torch.Tensor | None
+    g_idx: torch.Tensor | None
+    damping: float
+    num_damping_retries: int
+    num_dead_inputs: int
+
+
+def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, params: GPTQParams) -> _Rounded:
+    """Algorithm 1 with lazy block updates; see ``gptq_quantize`` for the contract."""
+    w = weight.detach().to(torch.float32, copy=True)
+    h = hessian.detach().to(device=w.device, dtype=torch.float32, copy=True)
+    num_out, num_in = w.shape
+    if h.shape != (num_in, num_in):
+        raise ValueError(f"Hessian shape {tuple(h.shape)} does not match weight {tuple(w.shape)}")
+    if not torch.isfinite(h).all():
+        raise CalibrationError("GPTQ: the Hessian contains NaN or inf; the layer's calibration inputs were not finite")
+
+    # Inputs never active in calibration: their weights cannot affect the outputs seen, so they are set
+    # to 0 (and so do not widen any range), and H_ii = 1 keeps H invertible (reference implementation).
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    # nvfp4's global scale comes from the weight before any GPTQ update and never moves.
+    global_amax = w.abs().max()
+
+    grouped = scheme.granularity == "group"
+    gs = scheme.group_size if grouped else None
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if params.act_order else None
+    # Static ranges: per tensor/channel always; per group with act_order + static_groups, from the
+    # original column order so groups stay contiguous. Otherwise each group's range is chosen from the
+    # current (error-updated) weights when its first column is reached.
+    dynamic_groups = grouped and not (params.act_order and params.static_groups)
+    if dynamic_groups:
+        amin = torch.zeros(num_out, num_in // gs, dtype=torch.float32, device=w.device)
+        amax = torch.zeros_like(amin)
+    else:
+        amin, amax = (r.float() for r in observers.weight_range(w, scheme))
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+
+    hinv, damping, retries = _upper_inverse_cholesky(h, params.dampening)
+    del h
+    perm_list = None if perm is None else perm.tolist()  # read per column; avoid a device sync each
+
+    def column_range(p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range of the column at processing position p."""
+        if not grouped:
+            return amin, amax
+        k = (p if dynamic_groups else perm_list[p]) // gs
+        return amin[:, k:k + 1], amax[:, k:k + 1]
+
+    q = torch.zeros_like(w)
+    for i1 in range(0, num_in, params.block_size):
+        i2 = min(i1 + params.block_size, num_in)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            p = i1 + i
+            if dynamic_groups and p % gs == 0:
+                # The group's current weights: in this block, w1; past it, w still lacks this block's
+                # updates so far, which are added here (the reference reads the stale w instead).
+                current = w1[:, i:i + gs]
+                if p + gs > i2:
+                    rest = w[:, i2:p + gs] - err1[:, :i] @ hinv[i1:p, i2:p + gs]
+                    current = torch.cat([current, rest], dim=1)
+                lo, hi = observers.weight_range(current, scheme)
+                amin[:, p // gs], amax[:, p // gs] = lo[:, 0], hi[:, 0]
+            lo, hi = column_range(p)
+            col = w1[:, i]
+            qcol = _quantize_column(col, scheme, lo, hi, global_amax)
+            q[:, p] = qcol
+            err = (col - qcol) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    order = g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        q = q[:, inv]
+        if dynamic_groups:
+            g_idx = (inv // gs).to(torch.int32)
+            order = torch.argsort(g_idx, stable=True)
+            q = q[:, order]
+    return _Rounded(q, amin, amax, global_amax, order, g_idx, damping, retries, int(dead.sum()))
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme,
+                  params: GPTQParams) -> tuple[formats.QTensor, GPTQStats]:
+    """Quantize a Linear weight with GPTQ.
+
+    Ranges: per tensor and per channel they come from the whole weight before the loop (the scheme's
+    observer); per group, the observer sees the group's columns of the current, error-updated weight
+    when its first column is reached, as in the reference implementation, except that here "current"
+    includes the updates from earlier columns of the same lazy block (the reference reads them before
+    those), so the result does not depend on ``block_size``. With act_order and
+    static_groups, every group's range is taken from the original weight before reordering instead,
+    so groups stay contiguous. Dead inputs (H_ii = 0) get weight 0, and ranges ignore them.
+
+    Args:
+        weight: [out, in] in any float dtype, on CPU or CUDA; all math is float32 on its device.
+        hessian: [in, in] from ``accumulate_hessian``; not modified.
+        scheme: the weight scheme (any format ``formats`` knows; groups must divide ``in``).
+        params: GPTQ parameters.
+
+    Returns:
+        (qt, stats): ``formats.dequantize(qt)`` is the GPTQ weight exactly (in group order when
+        ``stats.g_idx`` is set; see ``GPTQStats``).
+
+    Raises:
+        CalibrationError: the Hessian is not finite, or not positive definite even after raising the
+            dampening 10x ``_MAX_DAMPING_RETRIES`` times (when a retry succeeds, a warning is logged).
+    """
+    r = _round_columns(weight, hessian, scheme, params)
+    qt = observers.quantize_weight(r.q, scheme, amin=r.amin, amax=r.amax, global_amax=r.global_amax)
+    # The loop already rounded every column onto these grids, so re-encoding must reproduce it.
+    assert torch.equal(formats.dequantize(qt), r.q), "GPTQ: re-encoding the rounded weight changed it"
+    q = r.q if r.order is None else r.q[:, torch.argsort(r.order)]
+    delta = weight.detach().float() - q
+    h = hessian.detach().to(device=delta.device, dtype=torch.float32)
+    output_mse = float(((delta @ h) * delta).sum()) / (2 * weight.shape[0])
+    return qt, GPTQStats(r.damping, r.num_damping_retries, r.num_dead_inputs, output_mse, r.g_idx)
+
+
+def apply(ctx, params: GPTQParams) -> dict[str, formats.QTensor]:
+    """Pipeline adapter: accumulate each target Linear's input Hessian over the calibration batches
+    (one pass over the layer), then run GPTQ per Linear.
+
+    Returns:
+        local Linear name -> QTensor.
+    """
+    hessians: dict[str, list] = {name: [None, 0] for name in ctx.targets}
+
+    def hook(_module, args, _out, name):
+        acc = hessians[name]
+        acc[0], acc[1] = accumulate_hessian(acc[0], acc[1], args[0].detach())
+
+    handles = [lin.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n)) for name, lin in ctx.targets.items()]
+    try:
+        ctx.run()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, lin in ctx.targets.items():
+        qweight, stats = gptq_quantize(lin.weight.detach().float(), hessians[name][0], ctx.schemes[name].weights, params)
+        hessians[name][0] = None  # free the [in, in] matrix before the next Linear's
+        if stats.retries:
+            ctx.note(f"{name}: Hessian not positive definite, dampening raised to {stats.damping:g}")
+        out[name] = qweight
+    return out

@@ -8,3 +8,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class RTNParams:
     """RTN has no parameters: the range comes from the scheme's observer."""
+
+
+def apply(ctx, params: RTNParams) -> dict:
+    """Pipeline adapter: quantize every target Linear of the layer with its scheme's observer range.
+
+    Returns:
+        local Linear name -> QTensor.
+    """
+    from ..observers import quantize_weight
+
+    return {name: quantize_weight(lin.weight.detach().float(), ctx.schemes[name].weights) for name, lin in ctx.targets.items()}

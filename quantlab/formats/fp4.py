@@ -76,7 +76,10 @@ def nvfp4_decode(codes: torch.Tensor, block_scale: torch.Tensor, global_scale: t
 def mxfp4_block_scale(amax_block: torch.Tensor) -> torch.Tensor:
     """Biased E8M0 exponents (uint8) per OCP MX 6.3; an all-zero block gets the smallest scale."""
     amax = amax_block.float()
-    exp = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax)))) - E2M1_EMAX
+    # floor(log2(amax)) read from the float's exponent (frexp: amax = m * 2**e, m in [0.5, 1)), not from
+    # torch.log2, which rounds up to the next integer for amax just below a power of two (1024 - ulp).
+    _, e = torch.frexp(torch.where(amax > 0, amax, torch.ones_like(amax)))
+    exp = (e - 1 - E2M1_EMAX).float()
     exp = torch.where(amax > 0, exp, torch.full_like(exp, -E8M0_BIAS))
     return (exp.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
 

@@ -1,8 +1,9 @@
 """FP8 formats (OCP E4M3 "fn", max 448; E5M2, max 57344) with a float32 scale.
 
 scale = amax / fmax; code = fp8(clamp(x / scale, -fmax, fmax)) with the cast rounding to nearest even;
-x' = float(code) * scale. The clamp is what makes the cast saturate: E4M3fn has no infinity and a plain
-cast of an out-of-range value yields NaN.
+x' = float(code) * scale. The clamp is what makes the cast saturate: a plain cast of an out-of-range
+value gives inf for E5M2 and, depending on torch version and device, NaN for E4M3fn (which has no inf;
+torch 2.13 on CPU happens to saturate).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ class WeightScheme:
             128 for int formats; the format's block, 16 or 32, for nvfp4/mxfp4), else None.
         observer: how the range is chosen: ``"minmax"``, ``"mse"`` (search shrink factors of the
             min-max range minimizing squared error) or ``"percentile"``.
-        percentile: for ``observer: percentile``, the percentile of |w| used as amax.
+        percentile: for ``observer: percentile``, the range is each group's (100 - p)th to pth
+            percentile of the values.
     """
 
     format: str
@@ -44,7 +45,8 @@ class ActivationScheme:
         dynamic: scales computed from each batch at run time (True) or calibrated once (False). A static
             ``"tensor"`` scheme stores ``input_scale``; nvfp4 activations are dynamic per block but keep a
             calibrated global scale (``input_global_scale``), as vLLM expects.
-        observer: for calibrated ranges, ``"minmax"`` or ``"percentile"``.
+        observer: for calibrated ranges, ``"minmax"`` or ``"percentile"`` (the largest per-batch
+            percentile of |x| over the calibration batches).
         percentile: for ``observer: percentile``.
     """
 

@@ -1,0 +1,64 @@
+"""What an algorithm sees of the layer being calibrated. The pipeline builds one per decoder layer and
+passes it explicitly to each stage; nothing here is global."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .mappings import Mapping
+from .recipe.schema import SchemeGroup
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer under calibration.
+
+    Attributes:
+        name: the layer's module name, e.g. ``model.layers.3``.
+        layer: the layer, on the calibration device.
+        targets: Linears to quantize, by name relative to the layer (``self_attn.q_proj``).
+        schemes: the scheme of each target.
+        mappings: smoothing groups whose Linears are all targets.
+        run: runs the layer over every calibration batch (no grad) and returns the outputs; forward hooks
+            registered on submodules see every batch.
+        max_tokens: cap on tokens kept by ``capture_inputs`` (evenly strided), bounding memory on big models.
+    """
+
+    name: str
+    layer: nn.Module
+    targets: dict[str, nn.Linear]
+    schemes: dict[str, SchemeGroup]
+    mappings: list[Mapping]
+    run: Callable[[], list[torch.Tensor]]
+    max_tokens: int = 16384
+    _notes: list[str] = field(default_factory=list)
+
+    def capture_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Inputs of the named submodules over all batches, flattened to float32 [tokens, features]."""
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        handles = [
+            self.layer.get_submodule(n).register_forward_hook(
+                lambda _m, args, _out, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            )
+            for n in names
+        ]
+        try:
+            self.run()
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for n, chunks in seen.items():
+            x = torch.cat(chunks)
+            if len(x) > self.max_tokens:
+                x = x[torch.linspace(0, len(x) - 1, self.max_tokens).long()]
+            out[n] = x
+        return out
+
+    def note(self, text: str) -> None:
+        """Record a remark for the calibration summary (e.g. GPTQ needed extra damping)."""
+        self._notes.append(f"{self.name}: {text}")

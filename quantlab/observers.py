@@ -1,0 +1,84 @@
+"""Choosing a range: min-max, percentile and MSE search. Observers return ranges (amin, amax) shaped like
+the scales ``quantlab.formats.quantize`` stores; ``formats`` turns them into scales."""
+
+from __future__ import annotations
+
+import torch
+
+from . import formats
+from .recipe.schema import WeightScheme
+
+# Shrink factors of the min-max range tried by the MSE observer (1.0 = plain min-max).
+_MSE_FACTORS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00 ... 0.50
+
+
+def scheme_kwargs(scheme: WeightScheme) -> dict:
+    """The ``formats.quantize`` granularity keywords for a weight scheme."""
+    if scheme.granularity == "tensor":
+        return {"per_tensor": True}
+    if scheme.granularity == "group":
+        return {"group_size": scheme.group_size}
+    return {}
+
+
+def _grouped(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    if scheme.granularity == "tensor":
+        return w.reshape(1, -1)
+    if scheme.granularity == "group":
+        return w.reshape(*w.shape[:-1], w.shape[-1] // scheme.group_size, scheme.group_size)
+    return w.unsqueeze(-2)
+
+
+def minmax(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group minimum and maximum."""
+    g = _grouped(w.float(), scheme)
+    return g.amin(-1), g.amax(-1)
+
+
+def _percentile(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _grouped(w.float(), scheme)
+    q = scheme.percentile / 100.0
+    return torch.quantile(g, 1.0 - q, dim=-1), torch.quantile(g, q, dim=-1)
+
+
+def _mse(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the shrink factor of the min-max range with the least squared rounding error."""
+    lo, hi = minmax(w, scheme)
+    kwargs = scheme_kwargs(scheme)
+    g = _grouped(w.float(), scheme)
+    best_err = torch.full_like(lo, float("inf"))  # on w's device
+    best_lo, best_hi = lo.clone(), hi.clone()
+    # nvfp4's global scale stays the min-max one, so shrinking changes only block scales.
+    extra = {"global_amax": w.abs().max()} if scheme.format == "nvfp4" else {}
+    # An E8M0 scale only moves in powers of two: doubling (no saturation above 6) is the other choice.
+    factors = _MSE_FACTORS + ((2.0,) if scheme.format == "mxfp4" else ())
+    for f in factors:
+        qd = formats.quantize_dequantize(w.float(), scheme.format, amax=hi * f, amin=lo * f, **kwargs, **extra)
+        err = (_grouped(qd, scheme) - g).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo * f, best_lo), torch.where(better, hi * f, best_hi)
+    return best_lo, best_hi
+
+
+OBSERVERS = {"minmax": minmax, "percentile": _percentile, "mse": _mse}
+
+
+def weight_range(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(amin, amax) per scale entry of ``w`` under ``scheme``, chosen by the scheme's observer."""
+    return OBSERVERS[scheme.observer](w, scheme)
+
+
+def quantize_weight(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor | None = None,
+                    amax: torch.Tensor | None = None, global_amax: torch.Tensor | None = None) -> formats.QTensor:
+    """Quantize a weight ``[out, in]`` per its scheme; the range defaults to the scheme's observer.
+
+    nvfp4's global scale always comes from the whole original tensor (``global_amax`` defaults to
+    max|w|), so block-scale searches and GPTQ's column updates never move it.
+    """
+    if amax is None:
+        amin, amax = weight_range(w, scheme)
+    if scheme.format == "nvfp4" and global_amax is None:
+        global_amax = w.detach().abs().max()
+    extra = {"global_amax": global_amax} if scheme.format == "nvfp4" else {}
+    return formats.quantize(w, scheme.format, amax=amax, amin=amin, **scheme_kwargs(scheme), **extra)
