@@ -47,16 +47,12 @@ def convert(gguf: Path, out: Path) -> None:
 
     src_dir, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, torch_dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
 
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = torch.float32  # older attribute name
-    try:
-        config.dtype = torch.float32
-    except Exception:  # noqa: BLE001 - attribute absent on some versions
-        pass
+    config.dtype = torch.float32
 
     model = LlamaForCausalLM(config).to(torch.float32)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in gguf_model.state_dict().items()}

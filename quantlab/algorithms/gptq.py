@@ -295,7 +295,7 @@ def apply(ctx, params: GPTQParams) -> dict[str, formats.QTensor]:
     for name, lin in ctx.targets.items():
         qweight, stats = gptq_quantize(lin.weight.detach().float(), hessians[name][0], ctx.schemes[name].weights, params)
         hessians[name][0] = None  # free the [in, in] matrix before the next Linear's
-        if stats.retries:
+        if stats.num_damping_retries:
             ctx.note(f"{name}: Hessian not positive definite, dampening raised to {stats.damping:g}")
         out[name] = qweight
     return out

@@ -20,23 +20,24 @@ import torch
 from .fp8 import cast_saturating
 from .spec import E2M1_EMAX, E2M1_GRID, E2M1_MAX, E8M0_BIAS, FP8_E4M3_MAX
 
-# Midpoints between neighbouring grid magnitudes, and whether a tie there goes up (to the even code).
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_TIE_UP = (False, True, False, True, False, True, False)
+# Index into E2M1_GRID of 2 * magnitude (0, 1, 2, 3, 4, 6, 8, 12); other entries are never hit.
+_INDEX_OF_DOUBLE = (0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7)
 
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
-    """4-bit E2M1 codes (uint8, values 0..15) of float32 ``x``: nearest, ties to even, saturating."""
+    """4-bit E2M1 codes (uint8, values 0..15) of float32 ``x``: nearest, ties to even, saturating.
+
+    E2M1 magnitudes are evenly spaced within each binade: steps of 0.5 below 2, 1 in [2, 4), 2 from 4.
+    Rounding ``mag / step`` with torch.round (half to even) therefore rounds to the nearest grid value
+    with ties to the even code: at 0.75 to 1.0, 1.25 to 1.0, 1.75 to 2.0, 2.5 to 2.0, 3.5 to 4.0, 5 to 4.0.
+    """
     mag = x.abs()
-    bounds = torch.tensor(_MIDPOINTS, dtype=mag.dtype, device=mag.device)
-    # bucketize(right=False) sends a value equal to a midpoint to the lower neighbour ...
-    index = torch.bucketize(mag, bounds, right=False)
-    # ... which is wrong where the upper neighbour has the even mantissa.
-    for bound, up in zip(_MIDPOINTS, _TIE_UP):
-        if up:
-            index = index + (mag == bound).to(index.dtype)
-    sign = (x < 0) & (index > 0)  # no negative zero codes
-    return (index.to(torch.uint8) | (sign.to(torch.uint8) << 3))
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))
+    value = (torch.round(mag / step) * step).clamp(max=E2M1_MAX)
+    lut = torch.tensor(_INDEX_OF_DOUBLE, dtype=torch.uint8, device=x.device)
+    index = lut[(value * 2).to(torch.int64)]
+    sign = ((x < 0) & (index > 0)).to(torch.uint8)  # no negative zero codes
+    return index | (sign << 3)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,216 @@
+"""quantlab vs llm-compressor on the default model, side by side, on identical samples.
+
+For each scheme: quantize SmolLM2-135M with quantlab (a recipe from recipes/, sometimes with settings
+matched to the peer's) and with llm-compressor (bench/peers/llmcompressor_run.py in its own venv, see
+bench/peers/setup_peer_venv.sh), each in a fresh process, on the SAME calibration token windows
+(quantlab.data's windows of calib_data/gpl-3.txt). Report perplexity on the first 1,024 tokens of the
+held-out calib_data/heldout/apache-2.0.txt (the protocol of shared/PEERS.md), the float baseline,
+calibration wall time (the calibration call only, not loading or saving) and peak resident memory.
+
+    .venv/bin/python bench/accuracy_vs_peers.py                 # everything (an hour or more on 2 cores)
+    .venv/bin/python bench/accuracy_vs_peers.py --schemes fp8-dynamic,w4a16-gptq --no-peer
+    .venv/bin/python bench/accuracy_vs_peers.py --table         # print the markdown table of the results file
+
+Results accumulate in bench/results/accuracy_vs_peers.json (one entry per scheme and tool; an entry
+already there is not run again unless --rerun), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "accuracy_vs_peers.json"
+PEER_PY = ROOT / ".peer-venv" / "bin" / "python"
+PEER_RUN = ROOT / "bench" / "peers" / "llmcompressor_run.py"
+EVAL_TEXT = "calib_data/heldout/apache-2.0.txt"
+EVAL_TOKENS = 1024
+
+
+def _int4(fmt: str, observer: str) -> dict:
+    return {"format": fmt, "granularity": "group", "group_size": 64, "observer": observer}
+
+
+# name -> (base recipe, edits to its quantization/stages, llm-compressor scheme or None, what is matched)
+SCHEMES = {
+    "fp8-dynamic": ("fp8-dynamic", {}, "FP8_DYNAMIC"),
+    "w8a8-smoothquant-gptq": ("w8a8-smoothquant", {}, "W8A8_SQ"),
+    "w4a16-rtn-sym-minmax": ("w4a16-rtn", {"weights": _int4("int4", "minmax")}, "W4A16_RTN_G64_SYM"),
+    "w4a16-rtn-asym-minmax": ("w4a16-rtn", {"weights": _int4("int4_asym", "minmax")}, "W4A16_RTN_G64_ASYM"),
+    "w4a16-rtn-asym-mse": ("w4a16-rtn", {"weights": _int4("int4_asym", "mse")}, None),
+    "w4a16-gptq-sym": ("w4a16-gptq", {"weights": _int4("int4", "minmax"), "stages": [{"gptq": {"act_order": False}}]}, "W4A16_GPTQ_G64_SYM"),
+    "w4a16-gptq-asym": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"), "stages": [{"gptq": {"act_order": False}}]}, "W4A16_GPTQ_G64_ASYM"),
+    "w4a16-gptq-asym-actorder": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"), "stages": [{"gptq": {"act_order": True}}]}, "W4A16_GPTQ_G64_ASYM_ACTORDER"),
+    "w4a16-gptq-asym-actorder-mse": ("w4a16-gptq", {}, None),
+    "w4a16-awq-asym": ("w4a16-awq", {}, "W4A16_AWQ_G64_ASYM"),
+    "nvfp4a16": ("nvfp4a16", {}, "NVFP4A16"),
+    "nvfp4-w4a4": ("nvfp4", {}, "NVFP4"),
+    "mxfp4a16": ("mxfp4", {}, "MXFP4A16"),
+    "fp8-dynamic+kv": ("fp8-dynamic", {"kv": True}, "FP8_DYNAMIC"),
+    "w8a8-smoothquant-gptq+kv": ("w8a8-smoothquant", {"kv": True}, "W8A8_SQ"),
+    "w4a16-gptq-asym+kv": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"), "stages": [{"gptq": {"act_order": False}}], "kv": True}, "W4A16_GPTQ_G64_ASYM"),
+    "nvfp4-w4a4+kv": ("nvfp4", {"kv": True}, "NVFP4"),
+}
+
+
+def recipe_text(name: str) -> str:
+    """The quantlab recipe YAML for a bench scheme: the shipped recipe with the scheme's edits."""
+    base, edits, _ = SCHEMES[name]
+    data = yaml.safe_load((ROOT / "recipes" / f"{base}.yaml").read_text())
+    if "weights" in edits:
+        data["quantization"]["schemes"][0]["weights"] = edits["weights"]
+    if "stages" in edits:
+        data["stages"] = [s for s in data["stages"] if not ({"gptq", "rtn"} & set(s))] + edits["stages"]
+    if edits.get("kv"):
+        data["quantization"]["kv_cache"] = {"format": "fp8_e4m3", "granularity": "tensor"}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _ppl(model, ids) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(torch.exp(model(ids, labels=ids).loss))
+
+
+def worker(name: str, samples_file: str, eval_file: str) -> dict:
+    """Run quantlab on one scheme in this (fresh) process; return its result entry."""
+    import torch
+
+    from quantlab.data import CalibrationSet, digest
+    from quantlab.models import load_model
+    from quantlab.pipeline import calibrate
+    from quantlab.recipe import load_recipe
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(recipe_text(name))
+    recipe = load_recipe(f.name)
+    os.unlink(f.name)
+    model, _ = load_model(recipe.model)
+    ids = torch.tensor(json.loads(Path(samples_file).read_text())["samples"])
+    calib = CalibrationSet(ids, "bench", digest(ids))
+    t0 = time.perf_counter()
+    result = calibrate(model, recipe, calib, torch.device("cpu"), progress=False)
+    seconds = time.perf_counter() - t0
+    eval_ids = torch.tensor([json.loads(Path(eval_file).read_text())["ids"]])
+    return {"ppl": _ppl(model, eval_ids), "calib_seconds": round(seconds, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "notes": result.notes[:5]}
+
+
+def _prepare(num_samples: int, seq_len: int, workdir: Path) -> dict:
+    """Write the shared calibration windows and eval tokens; return the float baseline and file paths."""
+    import torch
+
+    from quantlab.data import build_calibration_set, load_texts
+    from quantlab.models import load_model, resolve_model
+    from quantlab.recipe.schema import CalibrationConfig
+
+    model, tok = load_model("smollm2-135m")
+    calib = build_calibration_set(CalibrationConfig(num_samples=num_samples, seq_len=seq_len), tok)
+    samples = workdir / "samples.json"
+    samples.write_text(json.dumps({"samples": calib.input_ids.tolist()}))
+    eval_ids = tok("\n\n".join(load_texts(EVAL_TEXT)), add_special_tokens=False)["input_ids"][:EVAL_TOKENS]
+    eval_file = workdir / "eval_ids.json"
+    eval_file.write_text(json.dumps({"ids": eval_ids}))
+    return {"samples": str(samples), "eval": str(eval_file), "float_model": resolve_model("smollm2-135m"),
+            "baseline_ppl": _ppl(model, torch.tensor([eval_ids])), "calib_digest": calib.digest}
+
+
+def _run_json(cmd: list[str], timeout: int) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--no-peer", action="store_true", help="run quantlab only")
+    ap.add_argument("--no-quantlab", action="store_true", help="run the peer only")
+    ap.add_argument("--rerun", action="store_true", help="run entries already in the results file again")
+    ap.add_argument("--timeout", type=int, default=5400, help="seconds per tool and scheme")
+    ap.add_argument("--table", action="store_true", help="print the results table and exit")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--samples-file", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        print(json.dumps({"ok": True, **worker(args.worker, args.samples_file, args.eval_file)}))
+        return 0
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
+    if args.table:
+        print(table(results))
+        return 0
+    workdir = ROOT / ".cache" / "bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup = _prepare(args.num_samples, args.seq_len, workdir)
+    results.update({"baseline_ppl": setup["baseline_ppl"], "calib_digest": setup["calib_digest"],
+                    "num_samples": args.num_samples, "seq_len": args.seq_len, "eval": f"first {EVAL_TOKENS} tokens of {EVAL_TEXT}",
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only"})
+    for name in args.schemes.split(","):
+        _, _, peer = SCHEMES[name]
+        jobs = []
+        if not args.no_quantlab:
+            jobs.append(("quantlab", [sys.executable, __file__, "--worker", name, "--samples-file", setup["samples"], "--eval-file", setup["eval"]]))
+        if peer and not args.no_peer:
+            cmd = [str(PEER_PY), str(PEER_RUN), "--model-dir", setup["float_model"], "--scheme", peer,
+                   "--samples-file", setup["samples"], "--eval-ids", setup["eval"], "--output", str(workdir / "peer" / name)]
+            jobs.append(("llm-compressor", cmd + (["--kv-fp8"] if name.endswith("+kv") else [])))
+        for tool, cmd in jobs:
+            key = f"{name}|{tool}"
+            if key in results["runs"] and results["runs"][key].get("ok") and not args.rerun:
+                continue
+            print(f"[bench] {key} ...", file=sys.stderr, flush=True)
+            try:
+                entry = _run_json(cmd, args.timeout)
+            except subprocess.TimeoutExpired:
+                entry = {"ok": False, "error": f"timed out after {args.timeout} s"}
+            entry["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+            results["runs"][key] = entry
+            RESULTS.write_text(json.dumps(results, indent=1))
+            print(f"[bench] {key}: {json.dumps(entry)[:300]}", file=sys.stderr, flush=True)
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per scheme, quantlab and llm-compressor side by side."""
+    base = results.get("baseline_ppl")
+    rows = [f"Float baseline perplexity: {base:.3f}" if base else "", "",
+            "| scheme | quantlab PPL | Δ | time s | peak MiB | llm-compressor PPL | Δ | time s | peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name in SCHEMES:
+        cells = [name]
+        for tool in ("quantlab", "llm-compressor"):
+            e = results["runs"].get(f"{name}|{tool}")
+            if e is None or SCHEMES[name][2] is None and tool == "llm-compressor":
+                cells += ["-", "", "", ""] if e is None else []
+            elif not e.get("ok") or e.get("ppl") is None:
+                cells += [f"failed: {e.get('error', '')[:60]}", "", "", ""]
+            else:
+                cells += [f"{e['ppl']:.3f}", f"{100 * (e['ppl'] / base - 1):+.1f}%", f"{e['calib_seconds']:.0f}", f"{e['peak_rss_mib']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

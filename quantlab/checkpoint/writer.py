@@ -1,0 +1,267 @@
+"""Write a calibrated model as a compressed-tensors checkpoint directory, atomically.
+
+The directory holds safetensors shards (``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
+plus ``model.safetensors.index.json`` past the shard size), ``config.json`` with ``quantization_config``,
+the tokenizer files and ``quantlab.json`` (provenance). docs/checkpoint.md is the contract.
+
+Nothing incomplete ever sits at the output path: everything is written into a temporary directory next
+to it (same filesystem), fsynced, and renamed into place. An existing output is replaced only when asked,
+and only once the new checkpoint is complete. Tensors are compressed module by module while walking the
+model and written one shard at a time, so at most one shard exists in memory besides the model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .. import __version__
+from ..data import CalibrationSet
+from ..errors import CheckpointError, QuantlabError
+from ..fake_quant import KVCacheQuant, QuantLinear
+from ..models import resolve_model
+from ..pipeline import CalibrationResult, match_scheme
+from ..recipe.schema import Recipe
+from . import schema
+
+DEFAULT_SHARD_BYTES = 2 * 2**30
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class WriteSummary:
+    """What ``write_checkpoint`` wrote.
+
+    Attributes:
+        path: the checkpoint directory.
+        files: file names in it.
+        bytes: bytes of tensor data over all shards.
+        num_shards: number of safetensors files.
+        num_quantized: number of quantized Linears.
+    """
+
+    path: Path
+    files: tuple[str, ...]
+    bytes: int
+    num_shards: int
+    num_quantized: int
+
+
+def check_output(output: str | Path, overwrite: bool) -> Path:
+    """The output path, refused if it exists and ``overwrite`` is off (checked before calibrating, too)."""
+    out = Path(output)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
+def _plan(model: nn.Module, recipe: Recipe) -> tuple[dict, int]:
+    """quantization_config for the model as calibrated, and the number of quantized Linears."""
+    as_linear = nn.Linear(1, 1, bias=False, device="meta")  # what match_scheme saw before the swap
+    modules, group_of, ignore = [], {}, []
+    for name, module in model.named_modules():
+        modules.append((name, schema.class_names(module)))
+        if isinstance(module, QuantLinear):
+            group = match_scheme(name, as_linear, recipe)
+            if group is None or group.weights.format != module.qweight.fmt:
+                raise CheckpointError(f"{name} is quantized as {module.qweight.fmt}, "
+                                      f"which no scheme group of {recipe.path} gives it")
+            group_of[name] = group
+        elif isinstance(module, nn.Linear):
+            ignore.append(name)
+    # Groups that quantized something, in recipe order (compressed-tensors' group names are positional).
+    groups = [g for g in recipe.schemes if any(g is used for used in group_of.values())]
+    assigned = {name: next(i for i, g in enumerate(groups) if g is group) for name, group in group_of.items()}
+    targets = schema.config_targets(modules, assigned, groups, ignore)
+    return schema.quantization_config(list(zip(groups, targets)), ignore, recipe.kv_cache), len(assigned)
+
+
+def _config_dict(model: nn.Module, export: str, qcfg: dict) -> dict:
+    d = model.config.to_diff_dict()
+    d["architectures"] = [type(model).__name__]
+    d["dtype"] = export
+    if isinstance(model.get_output_embeddings(), QuantLinear):
+        d["tie_word_embeddings"] = False  # a quantized lm_head is no longer the embedding matrix
+    d["quantization_config"] = qcfg
+    return d
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _provenance(recipe: Recipe, calib: CalibrationSet, result: CalibrationResult) -> dict:
+    try:
+        resolved = resolve_model(recipe.model)
+    except QuantlabError:
+        resolved = None
+    return {
+        "quantlab_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": _version("transformers"),
+        "compressed_tensors_version": _version("compressed-tensors"),
+        "recipe": {"path": recipe.path, "sha256": recipe.sha256, "text": recipe.text},
+        "model": {"name": recipe.model, "path": resolved},
+        "calibration": {"source": calib.source, "digest": calib.digest, "num_samples": int(calib.input_ids.shape[0]),
+                        "seq_len": int(calib.input_ids.shape[1]), "seed": recipe.calibration.seed},
+        "layers": [{"name": s.name, "rel_mse": s.rel_mse, "seconds": s.seconds, "peak_mem_mib": s.peak_mem_mib}
+                   for s in result.layers],
+        "calibration_seconds": result.seconds,
+        "peak_mem_mib": result.peak_mem_mib,
+        "notes": list(result.notes),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _module_tensors(name: str, module: nn.Module, dtype: torch.dtype, seen: set[int]) -> dict[str, torch.Tensor]:
+    """One module's own tensors as stored: compressed for a QuantLinear, else cast to the export dtype.
+
+    A tensor already written under another name (tied embeddings) is skipped, as save_pretrained does.
+    """
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu()
+        return (t.to(dtype) if t.is_floating_point() else t).contiguous()
+
+    if isinstance(module, KVCacheQuant):
+        return {}  # stored on the attention module as k_scale / v_scale
+    if isinstance(module, QuantLinear):
+        out = schema.compress_linear(name, module)
+        if module.bias is not None:
+            out["bias"] = cast(module.bias)
+        return out
+    out = {}
+    for local, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if local in module._non_persistent_buffers_set or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[local] = cast(t)
+    kv = getattr(module, "kv_quant", None)
+    if isinstance(kv, KVCacheQuant):
+        out.update(schema.kv_tensors(kv))
+    return out
+
+
+def _write_tensors(model: nn.Module, dtype: torch.dtype, tmp: Path, max_shard_bytes: int) -> tuple[list[str], int]:
+    """Stream the model into shards under ``tmp``; returns (file names, tensor bytes)."""
+    parts: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush():
+        path = tmp / f".part-{len(parts) + 1:05d}.safetensors"
+        safetensors.torch.save_file(shard, str(path), metadata={"format": "pt"})
+        parts.append((path, list(shard)))
+
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        tensors = {f"{name}.{k}" if name else k: v for k, v in _module_tensors(name, module, dtype, seen).items()}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if shard and size + nbytes > max_shard_bytes:  # a module's tensors stay in one shard
+            flush()
+            shard, size = {}, 0
+        shard.update(tensors)
+        size, total = size + nbytes, total + nbytes
+    flush()
+    if len(parts) == 1:
+        parts[0][0].rename(tmp / WEIGHTS_NAME)
+        return [WEIGHTS_NAME], total
+    names, weight_map = [], {}
+    for i, (path, keys) in enumerate(parts, 1):
+        names.append(f"model-{i:05d}-of-{len(parts):05d}.safetensors")
+        path.rename(tmp / names[-1])
+        weight_map.update(dict.fromkeys(keys, names[-1]))
+    _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return [*names, INDEX_NAME], total
+
+
+def _write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside first and removed after."""
+    old = None
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    _fsync(out.parent)
+    if old is not None and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink(missing_ok=True)
+
+
+def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib: CalibrationSet, result: CalibrationResult,
+                     output: str | Path, overwrite: bool = False, *,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> WriteSummary:
+    """Write the calibrated ``model`` (its targeted Linears are QuantLinears) as a checkpoint at ``output``.
+
+    Args:
+        model: the model ``pipeline.calibrate`` quantized in place.
+        tokenizer: its tokenizer (saved alongside).
+        recipe, calib, result: what made it; recorded in quantlab.json.
+        output: the checkpoint directory to create.
+        overwrite: replace an existing ``output`` (only after the new checkpoint is complete).
+        max_shard_bytes: start a new safetensors shard past this many bytes of tensors.
+
+    Raises:
+        CheckpointError: ``output`` exists without ``overwrite``, or the model holds something
+            compressed-tensors cannot express (e.g. fp8_e5m2).
+    """
+    out = check_output(output, overwrite)
+    qcfg, num_quantized = _plan(model, recipe)
+    config = _config_dict(model, recipe.export_dtype, qcfg)
+    provenance = _provenance(recipe, calib, result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shards, nbytes = _write_tensors(model, EXPORT_DTYPES[recipe.export_dtype], tmp, max_shard_bytes)
+        tokenizer.save_pretrained(tmp)
+        _write_json(tmp / "config.json", config, sort_keys=True)  # as save_pretrained writes it
+        _write_json(tmp / "quantlab.json", provenance)
+        # mkdtemp makes a private directory; a checkpoint gets the usual permissions under the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            _fsync(path)
+        tmp.chmod(0o777 & ~umask)
+        _fsync(tmp)
+        files = tuple(sorted(p.name for p in tmp.iterdir()))
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return WriteSummary(out, files, nbytes, len([s for s in shards if s.endswith(".safetensors")]), num_quantized)
