@@ -175,6 +175,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
 
     Returns:
         Per-layer stats and KV-cache states; the model's targeted Linears are now ``QuantLinear``s.
+        For data-free schemes (RTN, no calibrated ranges) the stats come from the first batch only.
 
     Raises:
         CalibrationError: NaN/inf in a layer's weights or activations (naming the layer).
@@ -185,9 +186,14 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
     layers = decoder_layers(model)
     dtype = next(model.parameters()).dtype
     kv_states = enable_kv_quant(model, recipe.kv_cache) if recipe.kv_cache else []
-    hidden, kwargs = _capture_layer0_inputs(model, layers, calib.input_ids)
     transforms = [s for s in recipe.stages if s.algorithm in algorithms.TRANSFORMS]
     rounder = next(s for s in recipe.stages if s.algorithm in algorithms.ROUNDERS)
+    # RTN with nothing calibrated (no transform, no static range, no KV cache) needs no data: the
+    # passes then only measure each layer's output error, which one batch estimates well enough.
+    data_free = (rounder.algorithm == "rtn" and not transforms and not recipe.kv_cache
+                 and not any(_needs_input_amax(g) for g in recipe.schemes))
+    ids = calib.input_ids[:BATCH_SIZE] if data_free else calib.input_ids
+    hidden, kwargs = _capture_layer0_inputs(model, layers, ids)
     layer_prefix = next(n for n, m in model.named_modules() if m is layers)
 
     stats, notes = [], []

@@ -1,0 +1,105 @@
+"""lm-eval adapter: run lm-eval tasks on an in-memory model through ``lm_eval.simple_evaluate``.
+
+quantlab's offline tasks (``quantlab_cloze``, ``quantlab_continuation``) are lm-eval task YAMLs in the
+``tasks/`` directory beside this file, built from held-out text by ``tasks/build_tasks.py``. They are
+registered with lm-eval through ``TaskManager(include_path=...)``; their data files are found relative
+to the YAML directory by ``tasks/local_data.py`` (lm-eval would otherwise resolve ``data_files``
+against the current directory), so they run from any working directory. Any other lm-eval task name
+(hellaswag, arc_easy, mmlu ...) works too where its data can be downloaded or is in the HF cache;
+indexing lm-eval's own ~15,000 task configs takes 10-20 s, so that is done only when one is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from quantlab.errors import QuantlabError
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+def offline_tasks() -> list[str]:
+    """Names of quantlab's own lm-eval tasks (one YAML each in ``TASKS_DIR``)."""
+    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+def task_manager(tasks: Sequence[str]):
+    """An lm-eval TaskManager that knows quantlab's tasks, and lm-eval's own only if one is asked for."""
+    from lm_eval.tasks import TaskManager
+
+    local = offline_tasks()
+    # A quantlab_* name can only be ours: refuse a typo before indexing lm-eval's own tasks.
+    unknown = [t for t in tasks if t.startswith("quantlab_") and t not in local]
+    manager = None
+    if not unknown:
+        manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=any(t not in local for t in tasks))
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise QuantlabError(f"lm-eval knows no task {', '.join(unknown)} (quantlab's offline tasks: {', '.join(local)})")
+    return manager
+
+
+def _numbers(task_results: dict) -> dict[str, float]:
+    """lm-eval's ``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``."""
+    out = {}
+    for key, value in task_results.items():
+        metric, _, filt = key.partition(",")
+        if not filt or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # alias, name, sample_len, "N/A" stderrs
+        out[metric if filt == "none" else f"{metric},{filt}"] = float(value)
+    return out
+
+
+def run_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    seed: int = 1234,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
+    """Evaluate ``model`` on lm-eval tasks, zero-shot.
+
+    Args:
+        model: a causal LM (float, or quantized through fake-quant modules), already on its device.
+        tokenizer: its tokenizer.
+        tasks: lm-eval task or group names.
+        limit: examples per task (lm-eval takes the first ``limit`` documents); None = all.
+        seed: seeds lm-eval's python, numpy, torch and few-shot samplers.
+        batch_size: requests per forward pass.
+
+    Returns:
+        task -> metric -> value, with ``<metric>_stderr`` beside each metric (e.g. ``{"acc": 0.6,
+        "acc_stderr": 0.08, "acc_norm": ...}``). Only the names asked for are returned; a group
+        (mmlu) is reported through lm-eval's own aggregate.
+
+    Raises:
+        QuantlabError: an unknown task name, or a task whose data cannot be loaded (no network).
+    """
+    if not tasks:
+        return {}
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(tasks)
+    device = next(model.parameters()).device
+    # lm-eval warns on every run that an in-memory model ignores model kwargs and that custom_dataset
+    # takes --metadata; both are expected here, so only errors are shown.
+    lm_logger = logging.getLogger("lm_eval")
+    level = lm_logger.level
+    lm_logger.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+    except (ConnectionError, OSError) as e:  # datasets' offline failures are OSError subclasses
+        raise QuantlabError(f"lm-eval could not load the data of {', '.join(tasks)}: {str(e).splitlines()[0]}") from None
+    finally:
+        lm_logger.setLevel(level)
+    return {task: _numbers(results["results"][task]) for task in tasks if task in results["results"]}
