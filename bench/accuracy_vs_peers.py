@@ -18,7 +18,6 @@ already there is not run again unless --rerun), so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import os

@@ -18,14 +18,10 @@ under ``checkpoints`` (sorted by size, with ``pareto``).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantlab.errors import QuantlabError
+from quantlab import atomic
 
 from .plots import plot_layer_errors, plot_pareto
 
@@ -68,10 +64,7 @@ def _gate_line(g: dict) -> str:
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
     """The report directory, refused when it exists and ``overwrite`` is off (checked before evaluating)."""
-    out = Path(output)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise QuantlabError(f"report directory {out} exists; pass --overwrite to replace it")
-    return out
+    return atomic.check_output(output, overwrite, what="report directory ")
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -164,9 +157,7 @@ def write_report(data: dict, output: str | Path, overwrite: bool = False) -> Rep
         overwrite: replace an existing directory (only once the new one is complete).
     """
     out = check_output(output, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.atomic_directory(out, overwrite, what="report directory ") as tmp:
         data = dict(data)
         if data["kind"] == "eval":
             data["layer_plot"] = plot_layer_errors(data.get("layers") or [], tmp / "layer_error.png")
@@ -178,25 +169,4 @@ def write_report(data: dict, output: str | Path, overwrite: bool = False) -> Rep
             markdown = render_compare_md(data)
         (tmp / "report.json").write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
         (tmp / "report.md").write_text(markdown)
-        _install(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Report(data, out)
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists() or out.is_symlink():
-        check_output(out, overwrite)
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

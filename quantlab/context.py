@@ -25,6 +25,7 @@ class LayerContext:
         mappings: smoothing groups whose Linears are all targets.
         run: runs the layer over every calibration batch (no grad) and returns the outputs; forward hooks
             registered on submodules see every batch.
+        num_tokens: calibration tokens per pass (all batches).
         max_tokens: cap on tokens kept by ``capture_inputs`` (evenly strided), bounding memory on big models.
     """
 
@@ -34,15 +35,21 @@ class LayerContext:
     schemes: dict[str, SchemeGroup]
     mappings: list[Mapping]
     run: Callable[[], list[torch.Tensor]]
+    num_tokens: int
     max_tokens: int = 16384
     _notes: list[str] = field(default_factory=list)
 
     def capture_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Inputs of the named submodules over all batches, flattened to float32 [tokens, features]."""
+        """Inputs of the named submodules over all batches, flattened to float32 [tokens, features].
+
+        Tokens are kept at an even stride chosen so at most ``max_tokens`` survive, and the stride is
+        applied per batch, so memory never holds more than that (plus one batch).
+        """
+        stride = -(-self.num_tokens // self.max_tokens)
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         handles = [
             self.layer.get_submodule(n).register_forward_hook(
-                lambda _m, args, _out, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+                lambda _m, args, _out, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1])[::stride].float())
             )
             for n in names
         ]
@@ -51,13 +58,7 @@ class LayerContext:
         finally:
             for h in handles:
                 h.remove()
-        out = {}
-        for n, chunks in seen.items():
-            x = torch.cat(chunks)
-            if len(x) > self.max_tokens:
-                x = x[torch.linspace(0, len(x) - 1, self.max_tokens).long()]
-            out[n] = x
-        return out
+        return {n: torch.cat(chunks) for n, chunks in seen.items()}
 
     def note(self, text: str) -> None:
         """Record a remark for the calibration summary (e.g. GPTQ needed extra damping)."""

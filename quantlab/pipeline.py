@@ -212,6 +212,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
             name=name, layer=layer, targets={n: layer.get_submodule(n) for n in schemes}, schemes=schemes,
             mappings=layer_mappings(layer, set(schemes)),
             run=lambda layer=layer: _run_layer(layer, hidden, kwargs, device),
+            num_tokens=sum(h.shape[0] * h.shape[1] for h in hidden),
         )
         float_out = ctx.run()
         _check_finite(name, "activations", float_out)

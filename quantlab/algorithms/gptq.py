@@ -132,11 +132,12 @@ def _quantize_column(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, 
         # fp4 formats only take whole blocks. With the range given, a block's scale does not depend on
         # its elements, so a block of copies of the column rounds each element as it would alone.
         x = w.unsqueeze(1).expand(-1, block)
-        return formats.quantize_dequantize(x, fmt, amin=amin, amax=amax, **extra)[:, 0]
+        return formats.quantize_dequantize(x, fmt, amin=amin, amax=amax, check_finite=False, **extra)[:, 0]
     # Int/fp8 scales are computed elementwise from the range, so a one-column "channel" with the
     # group's range gets the very scale (and zero point) the group stores.
     per_tensor = scheme.granularity == "tensor"
-    return formats.quantize_dequantize(w.unsqueeze(1), fmt, amin=amin, amax=amax, per_tensor=per_tensor, **extra)[:, 0]
+    return formats.quantize_dequantize(w.unsqueeze(1), fmt, amin=amin, amax=amax, per_tensor=per_tensor,
+                                       check_finite=False, **extra)[:, 0]
 
 
 class _Rounded(NamedTuple):

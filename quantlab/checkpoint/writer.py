@@ -15,10 +15,6 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, atomic
 from ..data import CalibrationSet
 from ..errors import CheckpointError, QuantlabError
 from ..fake_quant import KVCacheQuant, QuantLinear
@@ -62,10 +58,7 @@ class WriteSummary:
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
     """The output path, refused if it exists and ``overwrite`` is off (checked before calibrating, too)."""
-    out = Path(output)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
-    return out
+    return atomic.check_output(output, overwrite, error=CheckpointError)
 
 
 def _plan(model: nn.Module, recipe: Recipe) -> tuple[dict, int]:
@@ -194,35 +187,6 @@ def _write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    _fsync(out.parent)
-    if old is not None and old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old is not None:
-        old.unlink(missing_ok=True)
-
-
 def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib: CalibrationSet, result: CalibrationResult,
                      output: str | Path, overwrite: bool = False, *,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> WriteSummary:
@@ -244,24 +208,10 @@ def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib: Calibra
     qcfg, num_quantized = _plan(model, recipe)
     config = _config_dict(model, recipe.export_dtype, qcfg)
     provenance = _provenance(recipe, calib, result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.atomic_directory(out, overwrite, error=CheckpointError) as tmp:
         shards, nbytes = _write_tensors(model, EXPORT_DTYPES[recipe.export_dtype], tmp, max_shard_bytes)
         tokenizer.save_pretrained(tmp)
         _write_json(tmp / "config.json", config, sort_keys=True)  # as save_pretrained writes it
         _write_json(tmp / "quantlab.json", provenance)
-        # mkdtemp makes a private directory; a checkpoint gets the usual permissions under the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in tmp.rglob("*"):
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-            _fsync(path)
-        tmp.chmod(0o777 & ~umask)
-        _fsync(tmp)
         files = tuple(sorted(p.name for p in tmp.iterdir()))
-        _install(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return WriteSummary(out, files, nbytes, len([s for s in shards if s.endswith(".safetensors")]), num_quantized)

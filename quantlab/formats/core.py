@@ -85,6 +85,7 @@ def quantize(
     amax: torch.Tensor | None = None,
     amin: torch.Tensor | None = None,
     global_amax: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> QTensor:
     """Quantize ``x`` to ``fmt``.
 
@@ -98,6 +99,8 @@ def quantize(
             use max(|amin|, |amax|); ``amin`` defaults to ``-amax``.
         global_amax: nvfp4 only: the tensor-wide absolute maximum behind the global scale
             (a calibrated value for static activation global scales); default ``x``'s.
+        check_finite: reject NaN/inf input. The check synchronizes with the GPU, so callers that
+            quantize many slices of an already checked tensor (GPTQ's columns) turn it off.
 
     Returns:
         QTensor with codes of ``x``'s shape.
@@ -108,7 +111,7 @@ def quantize(
     spec = get_spec(fmt)
     if x.numel() == 0:
         raise FormatError("cannot quantize an empty tensor")
-    if not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x).all():
         raise FormatError(f"cannot quantize to {fmt}: the tensor contains NaN or inf")
     gs = _group_size_for(spec, group_size, per_tensor)
     xg = _grouped(x.float(), gs, per_tensor)
