@@ -122,22 +122,13 @@ def _upper_inverse_cholesky(h: torch.Tensor, dampening: float) -> tuple[torch.Te
                            f"({_MAX_DAMPING_RETRIES} retries at 10x each); the calibration inputs are degenerate")
 
 
-def _quantize_column(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, amax: torch.Tensor,
-                     global_amax: torch.Tensor) -> torch.Tensor:
-    """Round one column [out] against its group's range (broadcastable to [out, 1]) via ``formats``."""
-    fmt = scheme.format
-    block = formats.get_spec(fmt).block_size
-    extra = {"global_amax": global_amax} if fmt == "nvfp4" else {}
-    if block is not None:
-        # fp4 formats only take whole blocks. With the range given, a block's scale does not depend on
-        # its elements, so a block of copies of the column rounds each element as it would alone.
-        x = w.unsqueeze(1).expand(-1, block)
-        return formats.quantize_dequantize(x, fmt, amin=amin, amax=amax, check_finite=False, **extra)[:, 0]
-    # Int/fp8 scales are computed elementwise from the range, so a one-column "channel" with the
-    # group's range gets the very scale (and zero point) the group stores.
-    per_tensor = scheme.granularity == "tensor"
-    return formats.quantize_dequantize(w.unsqueeze(1), fmt, amin=amin, amax=amax, per_tensor=per_tensor,
-                                       check_finite=False, **extra)[:, 0]
+def _column_params(qp: formats.QParams, k: int | None) -> formats.QParams:
+    """The parameters of group ``k`` (None: per channel or per tensor) as a column-shaped QParams [out]."""
+    if k is None:
+        scale, zp = qp.scale.reshape(-1), None if qp.zero_point is None else qp.zero_point.reshape(-1)
+    else:
+        scale, zp = qp.scale[:, k], None if qp.zero_point is None else qp.zero_point[:, k]
+    return formats.QParams(qp.fmt, scale, zp, qp.global_scale)
 
 
 class _Rounded(NamedTuple):
@@ -185,6 +176,9 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
         amax = torch.zeros_like(amin)
     else:
         amin, amax = (r.float() for r in observers.weight_range(w, scheme))
+    # Scales are computed once per group (here, or when a dynamic group starts) and each column is then
+    # rounded elementwise against its group's: the same numbers formats.quantize derives from the range.
+    qp = formats.qparams(scheme.format, amin, amax, global_amax)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
 
@@ -192,12 +186,11 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
     del h
     perm_list = None if perm is None else perm.tolist()  # read per column; avoid a device sync each
 
-    def column_range(p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The range of the column at processing position p."""
+    def group_of(p: int) -> int | None:
+        """The group of the column at processing position p (None without groups)."""
         if not grouped:
-            return amin, amax
-        k = (p if dynamic_groups else perm_list[p]) // gs
-        return amin[:, k:k + 1], amax[:, k:k + 1]
+            return None
+        return (p if dynamic_groups or perm_list is None else perm_list[p]) // gs
 
     q = torch.zeros_like(w)
     for i1 in range(0, num_in, params.block_size):
@@ -216,9 +209,10 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
                     current = torch.cat([current, rest], dim=1)
                 lo, hi = observers.weight_range(current, scheme)
                 amin[:, p // gs], amax[:, p // gs] = lo[:, 0], hi[:, 0]
-            lo, hi = column_range(p)
+                group_qp = formats.qparams(scheme.format, lo, hi, global_amax)
             col = w1[:, i]
-            qcol = _quantize_column(col, scheme, lo, hi, global_amax)
+            col_qp = _column_params(group_qp, 0) if dynamic_groups else _column_params(qp, group_of(p))
+            qcol = formats.fake_quantize(col, col_qp)
             q[:, p] = qcol
             err = (col - qcol) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)

@@ -121,33 +121,77 @@ def quantize(
     else:
         hi = amax.float().expand(xg.shape[:-1]) if amax.numel() > 1 else amax.float().reshape(1).expand(xg.shape[:-1])
         lo = -hi if amin is None else (amin.float().expand(xg.shape[:-1]) if amin.numel() > 1 else amin.float().reshape(1).expand(xg.shape[:-1]))
-    hi, lo = hi.unsqueeze(-1), lo.unsqueeze(-1)
-
-    zero_point = global_scale = None
-    if spec.family == "int":
-        scale, zero_point = integer.qparams(lo, hi, spec)
-        codes = integer.encode(xg, scale, zero_point, spec)
-    elif spec.family == "fp8":
-        scale = fp8.qparams(lo, hi, spec)
-        codes = fp8.encode(xg, scale, spec)
-    elif spec.name == "nvfp4":
-        block_amax = torch.maximum(lo.abs(), hi.abs())
-        g_amax = block_amax.max() if global_amax is None else global_amax
-        global_scale = fp4.nvfp4_global_scale(g_amax)
-        scale = fp4.nvfp4_block_scale(block_amax, global_scale)
-        codes = fp4.nvfp4_encode(xg, scale, global_scale)
-    else:  # mxfp4
-        scale = fp4.mxfp4_block_scale(torch.maximum(lo.abs(), hi.abs()))
-        codes = fp4.mxfp4_encode(xg, scale)
+    qp = qparams(fmt, lo.unsqueeze(-1), hi.unsqueeze(-1), global_amax)
+    codes = _encode(xg, qp, spec)
     return QTensor(
         fmt=fmt,
         codes=codes.reshape(x.shape),
-        scale=scale.reshape(shape),
-        zero_point=None if zero_point is None else zero_point.reshape(shape),
-        global_scale=global_scale,
+        scale=qp.scale.reshape(shape),
+        zero_point=None if qp.zero_point is None else qp.zero_point.reshape(shape),
+        global_scale=qp.global_scale,
         group_size=gs,
         per_tensor=per_tensor,
     )
+
+
+@dataclass
+class QParams:
+    """A format's scales for some values, broadcastable against them (see ``qparams``)."""
+
+    fmt: str
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+
+
+def qparams(fmt: str, amin: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None = None) -> QParams:
+    """Scales (in their storage dtype) for ranges ``[amin, amax]`` of any shape.
+
+    ``quantize`` uses this per group; GPTQ computes a group's parameters once and then rounds column by
+    column with ``fake_quantize``. nvfp4's global scale comes from ``global_amax``, default the largest
+    |range| given.
+    """
+    spec = get_spec(fmt)
+    if spec.family == "int":
+        scale, zero_point = integer.qparams(amin, amax, spec)
+        return QParams(fmt, scale, zero_point)
+    if spec.family == "fp8":
+        return QParams(fmt, fp8.qparams(amin, amax, spec))
+    amax_abs = torch.maximum(amin.abs(), amax.abs())
+    if spec.name == "nvfp4":
+        global_scale = fp4.nvfp4_global_scale(amax_abs.max() if global_amax is None else global_amax)
+        return QParams(fmt, fp4.nvfp4_block_scale(amax_abs, global_scale), None, global_scale)
+    return QParams(fmt, fp4.mxfp4_block_scale(amax_abs))
+
+
+def _encode(x: torch.Tensor, qp: QParams, spec: FormatSpec) -> torch.Tensor:
+    if spec.family == "int":
+        return integer.encode(x, qp.scale, qp.zero_point, spec)
+    if spec.family == "fp8":
+        return fp8.encode(x, qp.scale, spec)
+    if spec.name == "nvfp4":
+        return fp4.nvfp4_encode(x, qp.scale, qp.global_scale)
+    return fp4.mxfp4_encode(x, qp.scale)
+
+
+def _decode(codes: torch.Tensor, qp: QParams, spec: FormatSpec) -> torch.Tensor:
+    if spec.family == "int":
+        return integer.decode(codes, qp.scale, qp.zero_point)
+    if spec.family == "fp8":
+        return fp8.decode(codes, qp.scale)
+    if spec.name == "nvfp4":
+        return fp4.nvfp4_decode(codes, qp.scale, qp.global_scale)
+    return fp4.mxfp4_decode(codes, qp.scale)
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Round ``x`` elementwise with precomputed parameters broadcastable against it; ``x``'s dtype.
+
+    Unlike ``quantize`` this neither groups nor checks ``x``: the caller has laid the parameters out
+    to match (e.g. one column of a weight against its group's scales, shape [out]).
+    """
+    spec = get_spec(qp.fmt)
+    return _decode(_encode(x.float(), qp, spec), qp, spec).to(x.dtype)
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -156,14 +200,7 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     cg = _grouped(q.codes, q.group_size, q.per_tensor)
     scale = q.scale.reshape(cg.shape[:-1]).unsqueeze(-1) if not q.per_tensor else q.scale.reshape(1, 1, 1)
     zp = None if q.zero_point is None else q.zero_point.reshape(scale.shape)
-    if spec.family == "int":
-        values = integer.decode(cg, scale, zp)
-    elif spec.family == "fp8":
-        values = fp8.decode(cg, scale)
-    elif spec.name == "nvfp4":
-        values = fp4.nvfp4_decode(cg, scale, q.global_scale)
-    else:
-        values = fp4.mxfp4_decode(cg, scale)
+    values = _decode(cg, QParams(q.fmt, scale, zp, q.global_scale), spec)
     return values.reshape(q.codes.shape).to(dtype)
 
 
