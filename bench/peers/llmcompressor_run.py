@@ -309,7 +309,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
         # user of the peer does) and score the same tokens quantlab is scored on.
         del model
         eval_ids = torch.tensor([json.loads(Path(args.eval_ids).read_text())["ids"]])
+        # NVFP4 decompresses to bfloat16 whatever dtype is asked for: cast back to score in float32.
+        # (transformers refuses .float() on a quantized model, so the tensors are cast one by one).
         loaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+        for t in [*loaded.parameters(), *loaded.buffers()]:
+            if t.is_floating_point():
+                t.data = t.data.float()
         with torch.no_grad():
             ppl = float(torch.exp(loaded(eval_ids, labels=eval_ids).loss))
     return {
