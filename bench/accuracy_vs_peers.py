@@ -203,8 +203,10 @@ def table(results: dict) -> str:
         cells = [name]
         for tool in ("quantlab", "llm-compressor"):
             e = results["runs"].get(f"{name}|{tool}")
-            if e is None or SCHEMES[name][2] is None and tool == "llm-compressor":
-                cells += ["-", "", "", ""] if e is None else []
+            if tool == "llm-compressor" and SCHEMES[name][2] is None:
+                cells += ["(quantlab-only variant)", "", "", ""]
+            elif e is None:
+                cells += ["not run", "", "", ""]
             elif not e.get("ok") or e.get("ppl") is None:
                 cells += [f"failed: {e.get('error', '')[:60]}", "", "", ""]
             else:

@@ -303,22 +303,27 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     save_seconds = time.perf_counter() - t1
 
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, before eval
-    ppl = None
+    ppl = eval_dtype = None
     if args.eval_ids:
         # Load the saved checkpoint back through transformers' compressed-tensors integration (what a
         # user of the peer does) and score the same tokens quantlab is scored on.
         del model
         eval_ids = torch.tensor([json.loads(Path(args.eval_ids).read_text())["ids"]])
-        # NVFP4 decompresses to bfloat16 whatever dtype is asked for: cast back to score in float32.
-        # (transformers refuses .float() on a quantized model, so the tensors are cast one by one).
+        # Scored in float32 where the integration allows it; its NVFP4/MXFP4 path decompresses to
+        # bfloat16 whatever dtype is asked for, so those checkpoints are scored in bfloat16 throughout.
+        eval_dtype = torch.float32
         loaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
-        for t in [*loaded.parameters(), *loaded.buffers()]:
-            if t.is_floating_point():
-                t.data = t.data.float()
-        with torch.no_grad():
-            ppl = float(torch.exp(loaded(eval_ids, labels=eval_ids).loss))
+        try:
+            with torch.no_grad():
+                ppl = float(torch.exp(loaded(eval_ids, labels=eval_ids).loss))
+        except RuntimeError:
+            eval_dtype = torch.bfloat16
+            loaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16).eval()
+            with torch.no_grad():
+                ppl = float(torch.exp(loaded(eval_ids, labels=eval_ids).loss.float()))
     return {
         "ppl": ppl,
+        "eval_dtype": str(eval_dtype).removeprefix("torch.") if args.eval_ids else None,
         "scheme": args.scheme,
         "calib_seconds": round(calib_seconds, 3),
         "peak_rss_mib": round(peak_rss_mib, 1),
