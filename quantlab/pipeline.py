@@ -27,6 +27,7 @@ from .errors import CalibrationError, QuantlabError
 from .fake_quant import KVCacheQuant, QuantLinear, enable_kv_quant
 from .mappings import layer_mappings
 from .models import decoder_layers
+from .observers import quantize_weight
 from .recipe.schema import Recipe, SchemeGroup
 
 log = logging.getLogger(__name__)
@@ -263,8 +264,6 @@ def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Re
             raise QuantlabError(f"{name} is outside the decoder layers and cannot take calibrated activation ranges; ignore it or use dynamic activations")
         if rounder != "rtn":
             log.warning("%s is outside the decoder layers: rounded with RTN, not %s", name, rounder)
-        from .observers import quantize_weight
-
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear(quantize_weight(module.weight.detach().float(), group.weights),

@@ -178,7 +178,7 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
         amin, amax = (r.float() for r in observers.weight_range(w, scheme))
     # Scales are computed once per group (here, or when a dynamic group starts) and each column is then
     # rounded elementwise against its group's: the same numbers formats.quantize derives from the range.
-    qp = formats.qparams(scheme.format, amin, amax, global_amax)
+    qp = None if dynamic_groups else formats.qparams(scheme.format, amin, amax, global_amax)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
 
