@@ -10,15 +10,19 @@ calibration wall time (the calibration call only, not loading or saving) and pea
     .venv/bin/python bench/accuracy_vs_peers.py                 # everything (an hour or more on 2 cores)
     .venv/bin/python bench/accuracy_vs_peers.py --schemes fp8-dynamic,w4a16-gptq --no-peer
     .venv/bin/python bench/accuracy_vs_peers.py --table         # print the markdown table of the results file
+    .venv/bin/python bench/accuracy_vs_peers.py --rescore-peer --no-peer --no-quantlab   # wide ppl of saved peer checkpoints
 
 Results accumulate in bench/results/accuracy_vs_peers.json (one entry per scheme and tool; an entry
-already there is not run again unless --rerun), so an interrupted run resumes.
+already there is not run again unless --rerun), so an interrupted run resumes. Two runs may share the file
+(say ``--no-peer`` and ``--no-quantlab`` side by side, each with OMP_NUM_THREADS=1): entries are merged
+under a lock. Each entry records its date and thread count.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -37,6 +41,12 @@ PEER_PY = ROOT / ".peer-venv" / "bin" / "python"
 PEER_RUN = ROOT / "bench" / "peers" / "llmcompressor_run.py"
 EVAL_TEXT = "calib_data/heldout/apache-2.0.txt"
 EVAL_TOKENS = 1024
+# The wide evaluation: every held-out text in this order, one token stream cut into 1,024-token windows,
+# the first WIDE_WINDOWS of them (the three licenses, then CPython docstrings n-z). A 1,024-token
+# perplexity moves by a percent or two between two equally good roundings; ~29k tokens settle that.
+WIDE_TEXTS = ("calib_data/heldout/apache-2.0.txt", "calib_data/heldout/lgpl-2.1.txt", "calib_data/heldout/mpl-2.0.txt",
+              "calib_data/heldout/stdlib_docstrings.jsonl")
+WIDE_WINDOWS = 28
 
 
 def _int4(fmt: str, observer: str) -> dict:
@@ -87,6 +97,17 @@ def _ppl(model, ids) -> float:
         return float(torch.exp(model(ids, labels=ids).loss))
 
 
+def _ppl_wide(model, windows: list[list[int]]) -> float:
+    """Perplexity over equal-length windows, each scored on its own (mean token NLL over all)."""
+    import math
+
+    import torch
+
+    with torch.no_grad():
+        nll = [float(model(torch.tensor([w]), labels=torch.tensor([w])).loss) for w in windows]
+    return math.exp(sum(nll) / len(nll))
+
+
 def worker(name: str, samples_file: str, eval_file: str) -> dict:
     """Run quantlab on one scheme in this (fresh) process; return its result entry."""
     import torch
@@ -106,10 +127,17 @@ def worker(name: str, samples_file: str, eval_file: str) -> dict:
     t0 = time.perf_counter()
     result = calibrate(model, recipe, calib, torch.device("cpu"), progress=False)
     seconds = time.perf_counter() - t0
-    eval_ids = torch.tensor([json.loads(Path(eval_file).read_text())["ids"]])
-    return {"ppl": _ppl(model, eval_ids), "calib_seconds": round(seconds, 2),
+    data = json.loads(Path(eval_file).read_text())
+    return {"ppl": _ppl(model, torch.tensor([data["ids"]])), "ppl_wide": _ppl_wide(model, data["wide"]),
+            "calib_seconds": round(seconds, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "notes": result.notes[:5]}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _prepare(num_samples: int, seq_len: int, workdir: Path) -> dict:
@@ -123,12 +151,15 @@ def _prepare(num_samples: int, seq_len: int, workdir: Path) -> dict:
     model, tok = load_model("smollm2-135m")
     calib = build_calibration_set(CalibrationConfig(num_samples=num_samples, seq_len=seq_len), tok)
     samples = workdir / "samples.json"
-    samples.write_text(json.dumps({"samples": calib.input_ids.tolist()}))
+    _write_atomic(samples, json.dumps({"samples": calib.input_ids.tolist()}))
     eval_ids = tok("\n\n".join(load_texts(EVAL_TEXT)), add_special_tokens=False)["input_ids"][:EVAL_TOKENS]
+    stream = [t for path in WIDE_TEXTS for t in tok("\n\n".join(load_texts(path)), add_special_tokens=False)["input_ids"]]
+    wide = [stream[i:i + EVAL_TOKENS] for i in range(0, EVAL_TOKENS * WIDE_WINDOWS, EVAL_TOKENS)]
     eval_file = workdir / "eval_ids.json"
-    eval_file.write_text(json.dumps({"ids": eval_ids}))
+    _write_atomic(eval_file, json.dumps({"ids": eval_ids, "wide": wide}))
     return {"samples": str(samples), "eval": str(eval_file), "float_model": resolve_model("smollm2-135m"),
-            "baseline_ppl": _ppl(model, torch.tensor([eval_ids])), "calib_digest": calib.digest}
+            "baseline_ppl": _ppl(model, torch.tensor([eval_ids])), "baseline_ppl_wide": _ppl_wide(model, wide),
+            "calib_digest": calib.digest}
 
 
 def _run_json(cmd: list[str], timeout: int) -> dict:
@@ -147,6 +178,8 @@ def main() -> int:
     ap.add_argument("--no-peer", action="store_true", help="run quantlab only")
     ap.add_argument("--no-quantlab", action="store_true", help="run the peer only")
     ap.add_argument("--rerun", action="store_true", help="run entries already in the results file again")
+    ap.add_argument("--rescore-peer", action="store_true",
+                    help="score the peer checkpoints already saved (no calibration) where the wide perplexity is missing")
     ap.add_argument("--timeout", type=int, default=5400, help="seconds per tool and scheme")
     ap.add_argument("--table", action="store_true", help="print the results table and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -164,9 +197,14 @@ def main() -> int:
     workdir = ROOT / ".cache" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
     setup = _prepare(args.num_samples, args.seq_len, workdir)
-    results.update({"baseline_ppl": setup["baseline_ppl"], "calib_digest": setup["calib_digest"],
-                    "num_samples": args.num_samples, "seq_len": args.seq_len, "eval": f"first {EVAL_TOKENS} tokens of {EVAL_TEXT}",
+    results.update({"baseline_ppl": setup["baseline_ppl"], "baseline_ppl_wide": setup["baseline_ppl_wide"],
+                    "calib_digest": setup["calib_digest"], "num_samples": args.num_samples, "seq_len": args.seq_len,
+                    "eval": f"first {EVAL_TOKENS} tokens of {EVAL_TEXT}",
+                    "eval_wide": f"{WIDE_WINDOWS} windows of {EVAL_TOKENS} tokens of {', '.join(WIDE_TEXTS)}",
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only"})
+    _save(results)
+    if args.rescore_peer:
+        _rescore_peer(results, args.schemes.split(","), setup["eval"], workdir)
     for name in args.schemes.split(","):
         _, _, peer = SCHEMES[name]
         jobs = []
@@ -186,31 +224,68 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 entry = {"ok": False, "error": f"timed out after {args.timeout} s"}
             entry["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+            entry["threads"] = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
             results["runs"][key] = entry
-            RESULTS.write_text(json.dumps(results, indent=1))
+            _save(results, key)
             print(f"[bench] {key}: {json.dumps(entry)[:300]}", file=sys.stderr, flush=True)
     print(table(results))
     return 0
 
 
+def _save(results: dict, key: str | None = None) -> None:
+    """Merge into the results file under a lock: the run-wide fields, and ``key``'s entry if given.
+
+    Two bench processes (say, one per tool) may run side by side; each re-reads the file here, so
+    neither overwrites the other's entries.
+    """
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
+        on_disk.update({k: v for k, v in results.items() if k != "runs"})
+        if key is not None:
+            on_disk["runs"][key] = results["runs"][key]
+        tmp = RESULTS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(on_disk, indent=1))
+        tmp.replace(RESULTS)
+        results["runs"] = on_disk["runs"]
+
+
+def _rescore_peer(results: dict, names: list[str], eval_file: str, workdir: Path) -> None:
+    """Add the wide perplexity to peer entries whose checkpoint is still in the work directory."""
+    for name in names:
+        key = f"{name}|llm-compressor"
+        entry, output = results["runs"].get(key), workdir / "peer" / name
+        if not entry or not entry.get("ok") or "ppl_wide" in entry or not (output / "config.json").is_file():
+            continue
+        print(f"[bench] rescoring {key} ...", file=sys.stderr, flush=True)
+        _, _, peer = SCHEMES[name]
+        scores = _run_json([str(PEER_PY), str(PEER_RUN), "--model-dir", ".", "--scheme", peer, "--output", str(output),
+                            "--eval-ids", eval_file, "--score-only"], 3600)
+        if scores.get("ok"):
+            entry["ppl_wide"] = scores["ppl_wide"]
+            _save(results, key)
+
+
 def table(results: dict) -> str:
     """Markdown: one row per scheme, quantlab and llm-compressor side by side."""
-    base = results.get("baseline_ppl")
-    rows = [f"Float baseline perplexity: {base:.3f}" if base else "", "",
-            "| scheme | quantlab PPL | Δ | time s | peak MiB | llm-compressor PPL | Δ | time s | peak MiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    base, wide = results.get("baseline_ppl"), results.get("baseline_ppl_wide")
+    rows = [f"Float baseline perplexity: {base:.3f} (first {EVAL_TOKENS} tokens), {wide:.3f} (wide)" if base and wide else "", "",
+            "| scheme | quantlab PPL | Δ | wide Δ | time s | peak MiB | llm-compressor PPL | Δ | wide Δ | time s | peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in SCHEMES:
         cells = [name]
         for tool in ("quantlab", "llm-compressor"):
             e = results["runs"].get(f"{name}|{tool}")
             if tool == "llm-compressor" and SCHEMES[name][2] is None:
-                cells += ["(quantlab-only variant)", "", "", ""]
+                cells += ["(quantlab-only variant)", "", "", "", ""]
             elif e is None:
-                cells += ["not run", "", "", ""]
+                cells += ["not run", "", "", "", ""]
             elif not e.get("ok") or e.get("ppl") is None:
-                cells += [f"failed: {e.get('error', '')[:60]}", "", "", ""]
+                cells += [f"failed: {e.get('error', '')[:60]}", "", "", "", ""]
             else:
-                cells += [f"{e['ppl']:.3f}", f"{100 * (e['ppl'] / base - 1):+.1f}%", f"{e['calib_seconds']:.0f}", f"{e['peak_rss_mib']:.0f}"]
+                wide_delta = f"{100 * (e['ppl_wide'] / wide - 1):+.1f}%" if "ppl_wide" in e and wide else "—"
+                cells += [f"{e['ppl']:.3f}", f"{100 * (e['ppl'] / base - 1):+.1f}%", wide_delta, f"{e['calib_seconds']:.0f}",
+                          f"{e['peak_rss_mib']:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -24,8 +24,9 @@ class LayerContext:
         schemes: the scheme of each target.
         mappings: smoothing groups whose Linears are all targets.
         run: runs the layer over every calibration batch (no grad) and returns the outputs; forward hooks
-            registered on submodules see every batch.
+            registered on submodules see every batch. ``run(num_batches=k)`` runs only the first k.
         num_tokens: calibration tokens per pass (all batches).
+        fused: groups of targets a serving engine fuses into one Linear (``mappings.fused_shards``).
         max_tokens: cap on tokens kept by ``capture_inputs`` (evenly strided), bounding memory on big models.
     """
 
@@ -34,9 +35,10 @@ class LayerContext:
     targets: dict[str, nn.Linear]
     schemes: dict[str, SchemeGroup]
     mappings: list[Mapping]
-    run: Callable[[], list[torch.Tensor]]
+    run: Callable[..., list[torch.Tensor]]
     num_tokens: int
     max_tokens: int = 16384
+    fused: list[tuple[str, ...]] = field(default_factory=list)
     _notes: list[str] = field(default_factory=list)
 
     def capture_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -59,6 +61,17 @@ class LayerContext:
             for h in handles:
                 h.remove()
         return {n: torch.cat(chunks) for n, chunks in seen.items()}
+
+    def global_amax(self, name: str) -> torch.Tensor | None:
+        """The amax behind target ``name``'s NVFP4 global scale (None for other formats): max|w| over
+        the NVFP4 shards of its fused group, so the fused Linear has one global scale, as vLLM needs.
+        Read it before any rounder overwrites weights (GPTQ's true-sequential mode does)."""
+        fmt = self.schemes[name].weights.format
+        if fmt != "nvfp4":
+            return None
+        group = next((g for g in self.fused if name in g), (name,))
+        shards = [n for n in group if self.schemes[n].weights.format == fmt]
+        return torch.stack([self.targets[n].weight.detach().abs().max().float() for n in shards]).max()
 
     def note(self, text: str) -> None:
         """Record a remark for the calibration summary (e.g. GPTQ needed extra damping)."""

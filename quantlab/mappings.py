@@ -1,6 +1,7 @@
-"""Per-architecture smoothing groups: which op feeds which Linears. SmoothQuant and AWQ fold a
-per-channel scale into ``prev`` (dividing its output channels) and into ``linears`` (multiplying their
-input columns), which leaves the float function unchanged.
+"""Per-architecture layer structure: smoothing groups (which op feeds which Linears) and the Linears a
+serving engine fuses into one. SmoothQuant and AWQ fold a per-channel scale into ``prev`` (dividing its
+output channels) and into ``linears`` (multiplying their input columns), which leaves the float
+function unchanged.
 
 Data, not code: an architecture is supported by adding its list here.
 """
@@ -31,6 +32,11 @@ LLAMA = (
 # Decoder-layer class name -> its smoothing groups (Llama-shaped layers share one list).
 MAPPINGS = {name: LLAMA for name in ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")}
 
+# Shards vLLM loads as one Linear (qkv_proj, gate_up_proj). It keeps a single NVFP4 global scale for
+# the fused Linear (the largest stored), so the shards must be quantized with one shared global scale.
+LLAMA_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+FUSED = dict.fromkeys(MAPPINGS, LLAMA_FUSED)
+
 
 def layer_mappings(layer: nn.Module, targets: set[str]) -> list[Mapping]:
     """The groups of ``layer`` that can be folded: known architecture, every Linear targeted, and the
@@ -44,3 +50,10 @@ def layer_mappings(layer: nn.Module, targets: set[str]) -> list[Mapping]:
         if all(layer.get_submodule(n).in_features == width for n in m.linears):
             found.append(m)
     return found
+
+
+def fused_shards(layer: nn.Module, targets: set[str]) -> list[tuple[str, ...]]:
+    """The groups of ``layer``'s targets a serving engine fuses into one Linear (only the targeted
+    shards of each group are listed; groups left with one shard are dropped)."""
+    groups = [tuple(n for n in group if n in targets) for group in FUSED.get(type(layer).__name__, ())]
+    return [g for g in groups if len(g) > 1]

@@ -51,9 +51,10 @@ def _mse(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Ten
     best_lo, best_hi = lo.clone(), hi.clone()
     # nvfp4's global scale stays the min-max one, so shrinking changes only block scales.
     extra = {"global_amax": w.abs().max()} if scheme.format == "nvfp4" else {}
-    # An E8M0 scale moves in powers of two, so within [0.5, 2] only three scales exist: one exponent
-    # lower (more saturation), min-max, and one higher (no saturation above 6).
-    factors = (1.0, 0.5, 2.0) if scheme.format == "mxfp4" else _MSE_FACTORS
+    # An E8M0 scale moves in powers of two, so the only other candidate is one exponent lower (more
+    # saturation, finer steps). One higher never wins: its grid is a subset of min-max's below 7 * scale,
+    # and blocks with larger maxima already get it from the exponent rule (formats/fp4.py).
+    factors = (1.0, 0.5) if scheme.format == "mxfp4" else _MSE_FACTORS
     for f in factors:
         qd = formats.quantize_dequantize(w.float(), scheme.format, amax=hi * f, amin=lo * f, **kwargs, **extra)
         err = (_grouped(qd, scheme) - g).pow(2).sum(-1)

@@ -25,7 +25,7 @@ from .context import LayerContext
 from .data import CalibrationSet
 from .errors import CalibrationError, QuantlabError
 from .fake_quant import KVCacheQuant, QuantLinear, enable_kv_quant
-from .mappings import layer_mappings
+from .mappings import fused_shards, layer_mappings
 from .models import decoder_layers
 from .observers import quantize_weight
 from .recipe.schema import Recipe, SchemeGroup
@@ -211,8 +211,8 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
                 schemes[local] = group
         ctx = LayerContext(
             name=name, layer=layer, targets={n: layer.get_submodule(n) for n in schemes}, schemes=schemes,
-            mappings=layer_mappings(layer, set(schemes)),
-            run=lambda layer=layer: _run_layer(layer, hidden, kwargs, device),
+            mappings=layer_mappings(layer, set(schemes)), fused=fused_shards(layer, set(schemes)),
+            run=lambda num_batches=None, layer=layer: _run_layer(layer, hidden[:num_batches], kwargs[:num_batches], device),
             num_tokens=sum(h.shape[0] * h.shape[1] for h in hidden),
         )
         float_out = ctx.run()

@@ -68,19 +68,20 @@ def test_percentile_clips_outliers():
     assert (values.abs() <= torch.maximum(lo.abs(), hi.abs()) * 128 / 127 * (1 + 1e-6)).all()
 
 
-def test_mxfp4_mse_picks_the_doubled_scale_when_it_lowers_error():
-    # amax 7.9: the OCP exponent floor(log2 7.9) - 2 = 0 clips 7.9 to 6 (error 1.9 each); the doubled
-    # scale 2 represents it as 8 (error 0.1), which is the better choice for this block.
-    w = torch.full((1, 32), 7.9)
-    w[0, ::2] = -7.9
+def test_mxfp4_mse_picks_the_halved_scale_when_it_lowers_error():
+    # amax 7.5 rounds up to exponent 1 (scale 2): 7.5 -> 8 but every 1.5 -> 2 (31 errors of 0.5). The
+    # halved scale 1 saturates 7.5 to 6 (one error of 1.5) and keeps every 1.5 exact: the better choice.
+    w = torch.full((1, 32), 1.5)
+    w[0, ::2] = -1.5
+    w[0, 0] = 7.5
     scheme = WeightScheme("mxfp4", "group", 32, observer="mse")
     lo, hi = observers.weight_range(w, scheme)
-    assert hi.item() == pytest.approx(7.9 * 2)
+    assert hi.item() == pytest.approx(7.5 * 0.5)
     q = observers.quantize_weight(w, scheme)
-    assert q.scale.item() == 128  # 2^1
+    assert q.scale.item() == 127  # 2^0
     minmax = formats.quantize(w, "mxfp4")
-    assert minmax.scale.item() == 127
-    assert (formats.dequantize(q) - w).abs().max() < (formats.dequantize(minmax) - w).abs().max()
+    assert minmax.scale.item() == 128
+    assert (formats.dequantize(q) - w).pow(2).sum() < (formats.dequantize(minmax) - w).pow(2).sum()
 
 
 def test_nvfp4_mse_keeps_the_minmax_global_scale():

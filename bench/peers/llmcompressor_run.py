@@ -238,6 +238,43 @@ def _one_sentence(exc: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+def _nll(model, ids) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float(model(ids, labels=ids).loss.float())
+
+
+def score_checkpoint(output: Path, eval_file: Path) -> dict:
+    """Perplexity of a saved checkpoint on the eval file's tokens: ``ppl`` on ``ids`` (one sequence)
+    and, if the file has ``wide`` (equal-length windows, each scored on its own), ``ppl_wide``.
+
+    The checkpoint is loaded back through transformers' compressed-tensors integration (what a user of
+    the peer does). It is scored in float32 where the integration allows it; its NVFP4/MXFP4 path
+    decompresses to bfloat16 whatever dtype is asked for, so those are scored in bfloat16 throughout.
+    """
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    data = json.loads(eval_file.read_text())
+    ids = torch.tensor([data["ids"]])
+    eval_dtype = torch.float32
+    loaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    try:
+        ppl = math.exp(_nll(loaded, ids))
+    except RuntimeError:
+        eval_dtype = torch.bfloat16
+        loaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16).eval()
+        ppl = math.exp(_nll(loaded, ids))
+    scores = {"ppl": ppl, "eval_dtype": str(eval_dtype).removeprefix("torch.")}
+    if data.get("wide"):
+        nll = [_nll(loaded, torch.tensor([w])) for w in data["wide"]]
+        scores["ppl_wide"] = math.exp(sum(nll) / len(nll))
+    return scores
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     import importlib.metadata as md
 
@@ -303,27 +340,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     save_seconds = time.perf_counter() - t1
 
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, before eval
-    ppl = eval_dtype = None
+    scores = {"ppl": None, "eval_dtype": None}
     if args.eval_ids:
-        # Load the saved checkpoint back through transformers' compressed-tensors integration (what a
-        # user of the peer does) and score the same tokens quantlab is scored on.
         del model
-        eval_ids = torch.tensor([json.loads(Path(args.eval_ids).read_text())["ids"]])
-        # Scored in float32 where the integration allows it; its NVFP4/MXFP4 path decompresses to
-        # bfloat16 whatever dtype is asked for, so those checkpoints are scored in bfloat16 throughout.
-        eval_dtype = torch.float32
-        loaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
-        try:
-            with torch.no_grad():
-                ppl = float(torch.exp(loaded(eval_ids, labels=eval_ids).loss))
-        except RuntimeError:
-            eval_dtype = torch.bfloat16
-            loaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16).eval()
-            with torch.no_grad():
-                ppl = float(torch.exp(loaded(eval_ids, labels=eval_ids).loss.float()))
+        scores = score_checkpoint(output, Path(args.eval_ids))
     return {
-        "ppl": ppl,
-        "eval_dtype": str(eval_dtype).removeprefix("torch.") if args.eval_ids else None,
+        **scores,
         "scheme": args.scheme,
         "calib_seconds": round(calib_seconds, 3),
         "peak_rss_mib": round(peak_rss_mib, 1),
@@ -363,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--kv-fp8", action="store_true", help="also quantize the KV cache to FP8 (calibrated scales)")
     ap.add_argument("--dump-samples", default=None, help="write the calibration token windows to this JSON file")
+    ap.add_argument("--score-only", action="store_true", help="only score the checkpoint already at --output on --eval-ids")
     args = ap.parse_args(argv)
 
     # Keep stdout for the single JSON line: point fd 1 at stderr while the libraries run.
@@ -376,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.scheme not in SCHEMES:
             raise UserError(f"unsupported scheme {args.scheme!r}; supported: {', '.join(SCHEMES)}")
-        result, code = run(args, log), 0
+        if args.score_only:
+            result, code = {"ok": True, **score_checkpoint(Path(args.output), Path(args.eval_ids))}, 0
+        else:
+            result, code = run(args, log), 0
     except BaseException as exc:  # noqa: BLE001 - report every failure as one JSON line
         if isinstance(exc, KeyboardInterrupt):
             raise

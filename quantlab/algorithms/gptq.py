@@ -39,12 +39,17 @@ class GPTQParams:
         static_groups: with act_order, compute group scales before reordering so groups stay
             contiguous and no ``g_idx`` is needed in the checkpoint. With False, groups are formed in
             processing order and ``GPTQStats.g_idx`` says which group each column joined.
+        true_sequential: inside a decoder layer, quantize the Linears stage by stage in execution
+            order (q/k/v, then o, then gate/up, then down) and take each stage's Hessian from inputs
+            that already went through the quantized earlier stages, as the reference implementation's
+            ``--true-sequential`` and GPTQModel do. False: every Hessian comes from one float pass.
     """
 
     block_size: int = 128
     dampening: float = 0.01
     act_order: bool = False
     static_groups: bool = True
+    true_sequential: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +151,8 @@ class _Rounded(NamedTuple):
     num_dead_inputs: int
 
 
-def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, params: GPTQParams) -> _Rounded:
+def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, params: GPTQParams,
+                   global_amax: torch.Tensor | None = None) -> _Rounded:
     """Algorithm 1 with lazy block updates; see ``gptq_quantize`` for the contract."""
     w = weight.detach().to(torch.float32, copy=True)
     h = hessian.detach().to(device=w.device, dtype=torch.float32, copy=True)
@@ -162,7 +168,7 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     # nvfp4's global scale comes from the weight before any GPTQ update and never moves.
-    global_amax = w.abs().max()
+    global_amax = w.abs().max() if global_amax is None else global_amax.to(device=w.device, dtype=torch.float32)
 
     grouped = scheme.granularity == "group"
     gs = scheme.group_size if grouped else None
@@ -230,8 +236,8 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
     return _Rounded(q, amin, amax, global_amax, order, g_idx, damping, retries, int(dead.sum()))
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme,
-                  params: GPTQParams) -> tuple[formats.QTensor, GPTQStats]:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, params: GPTQParams,
+                  global_amax: torch.Tensor | None = None) -> tuple[formats.QTensor, GPTQStats]:
     """Quantize a Linear weight with GPTQ.
 
     Ranges: per tensor and per channel they come from the whole weight before the loop (the scheme's
@@ -247,6 +253,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
         hessian: [in, in] from ``accumulate_hessian``; not modified.
         scheme: the weight scheme (any format ``formats`` knows; groups must divide ``in``).
         params: GPTQ parameters.
+        global_amax: for nvfp4, the amax behind the global scale (default: max|weight|; a fused
+            Linear's shards pass their common one).
 
     Returns:
         (qt, stats): ``formats.dequantize(qt)`` is the GPTQ weight exactly (in group order when
@@ -256,7 +264,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
         CalibrationError: the Hessian is not finite, or not positive definite even after raising the
             dampening 10x ``_MAX_DAMPING_RETRIES`` times (when a retry succeeds, a warning is logged).
     """
-    r = _round_columns(weight, hessian, scheme, params)
+    r = _round_columns(weight, hessian, scheme, params, global_amax)
     qt = observers.quantize_weight(r.q, scheme, amin=r.amin, amax=r.amax, global_amax=r.global_amax)
     # The loop already rounded every column onto these grids, so re-encoding must reproduce it.
     assert torch.equal(formats.dequantize(qt), r.q), "GPTQ: re-encoding the rounded weight changed it"
@@ -267,30 +275,98 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     return qt, GPTQStats(r.damping, r.num_damping_retries, r.num_dead_inputs, output_mse, r.g_idx)
 
 
-def apply(ctx, params: GPTQParams) -> dict[str, formats.QTensor]:
-    """Pipeline adapter: accumulate each target Linear's input Hessian over the calibration batches
-    (one pass over the layer), then run GPTQ per Linear.
+def _execution_stages(ctx) -> list[list[str]]:
+    """The targets grouped by shared input, in the order the layer runs them.
 
-    Returns:
-        local Linear name -> QTensor.
+    Linears reading the same input tensor (q/k/v; gate/up) form one stage. Found by watching one batch
+    rather than from a per-architecture list, so any layer the pipeline can run is covered.
     """
-    hessians: dict[str, list] = {name: [None, 0] for name in ctx.targets}
+    first_input: dict[str, torch.Tensor] = {}
 
     def hook(_module, args, _out, name):
-        acc = hessians[name]
-        acc[0], acc[1] = accumulate_hessian(acc[0], acc[1], args[0].detach())
+        first_input.setdefault(name, args[0])
 
     handles = [lin.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n)) for name, lin in ctx.targets.items()]
+    try:
+        ctx.run(num_batches=1)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    for name, x in first_input.items():  # dict order = call order
+        for stage in stages:
+            if first_input[stage[0]] is x:
+                stage.append(name)
+                break
+        else:
+            stages.append([name])
+    # A target the batch never reached (none in a plain decoder layer) still gets quantized, last.
+    stages += [[n] for n in ctx.targets if n not in first_input]
+    return stages
+
+
+def _hessians(ctx, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each named target's input Hessian over one pass of every calibration batch."""
+    acc: dict[str, list] = {name: [None, 0] for name in names}
+
+    def hook(_module, args, _out, name):
+        acc[name][0], acc[name][1] = accumulate_hessian(acc[name][0], acc[name][1], args[0].detach())
+
+    handles = [ctx.targets[n].register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
     try:
         ctx.run()
     finally:
         for h in handles:
             h.remove()
+    return {name: h for name, (h, _) in acc.items()}
+
+
+def _split_rows(qt: formats.QTensor, sizes: list[int]) -> list[formats.QTensor]:
+    """Row blocks of a per-channel or group-wise QTensor (scales are per row; a global scale is shared)."""
+    parts = zip(qt.codes.split(sizes), qt.scale.split(sizes),
+                qt.zero_point.split(sizes) if qt.zero_point is not None else [None] * len(sizes))
+    return [formats.QTensor(qt.fmt, c, s, z, qt.global_scale, qt.group_size, qt.per_tensor) for c, s, z in parts]
+
+
+def apply(ctx, params: GPTQParams) -> dict[str, formats.QTensor]:
+    """Pipeline adapter: accumulate each stage's input Hessian over the calibration batches, then run
+    GPTQ on the stage's Linears.
+
+    Linears with one input (q/k/v; gate/up) share one Hessian, and those with the same per-row weight
+    scheme are rounded in one call on their stacked rows: GPTQ treats rows independently, so this
+    changes nothing but the number of column steps. With ``params.true_sequential`` (see
+    ``GPTQParams``), after a stage is rounded its Linears' weights are overwritten with their
+    quantized values so the next stage's Hessian sees the quantized stage's outputs; the pipeline
+    swaps these Linears for ``QuantLinear``s afterwards, so the float weights are not needed again.
+
+    Returns:
+        local Linear name -> QTensor.
+    """
+    stages = _execution_stages(ctx)
+    global_amax = {name: ctx.global_amax(name) for name in ctx.targets}  # before any weight is overwritten
+    hessians = {} if params.true_sequential else _hessians(ctx, [stage[0] for stage in stages])
     out = {}
-    for name, lin in ctx.targets.items():
-        qweight, stats = gptq_quantize(lin.weight.detach().float(), hessians[name][0], ctx.schemes[name].weights, params)
-        hessians[name][0] = None  # free the [in, in] matrix before the next Linear's
-        if stats.num_damping_retries:
-            ctx.note(f"{name}: Hessian not positive definite, dampening raised to {stats.damping:g}")
-        out[name] = qweight
+    for stage in stages:
+        h = _hessians(ctx, stage[:1])[stage[0]] if params.true_sequential else hessians.pop(stage[0])
+        batches: dict[WeightScheme, list[str]] = {}
+        for name in stage:
+            scheme = ctx.schemes[name].weights
+            # A per-tensor scale would be shared by the stacked rows, so those Linears go alone.
+            batches.setdefault(scheme if scheme.granularity != "tensor" else name, []).append(name)
+        for names in batches.values():
+            scheme = ctx.schemes[names[0]].weights
+            weights = [ctx.targets[n].weight.detach().float() for n in names]
+            amax = global_amax[names[0]]
+            if amax is not None:
+                amax = torch.stack([global_amax[n] for n in names]).max()
+            qweight, stats = gptq_quantize(torch.cat(weights), h, scheme, params, amax)
+            if stats.num_damping_retries:
+                ctx.note(f"{', '.join(names)}: Hessian not positive definite, dampening raised to {stats.damping:g}")
+            for name, part in zip(names, _split_rows(qweight, [w.shape[0] for w in weights])):
+                out[name] = part
+        if params.true_sequential:
+            with torch.no_grad():
+                for name in stage:
+                    ctx.targets[name].weight.copy_(formats.dequantize(out[name], ctx.targets[name].weight.dtype))
+        del h
     return out

@@ -121,7 +121,10 @@ def test_static_scales_follow_compressed_tensors_formulas(written):
                 assert tensors[f"{attn}.{kind}_scale"].dtype == torch.float32
 
 
-def test_weight_global_scale_is_compressed_tensors_gparam_of_the_weight(quantize, tmp_path):
+def test_weight_global_scale_is_compressed_tensors_gparam_of_the_fused_weights(quantize, tmp_path):
+    """As llm-compressor's fused observers give it: one gparam over q/k/v and one over gate/up (vLLM
+    loads each group as one Linear with one global scale), the Linear's own elsewhere."""
+    from quantlab.mappings import LLAMA_FUSED
     from quantlab.models import load_model
 
     c = quantize(*SCHEMES["nvfp4-w4a4-kv-head"])
@@ -130,7 +133,10 @@ def test_weight_global_scale_is_compressed_tensors_gparam_of_the_weight(quantize
     tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     for name, m in float_model.named_modules():
         if isinstance(m, torch.nn.Linear) and name != "lm_head":
-            w = m.weight.detach()
+            layer, _, local = name.partition(".self_attn.") if ".self_attn." in name else name.partition(".mlp.")
+            local = ("self_attn." if ".self_attn." in name else "mlp.") + local
+            group = next((g for g in LLAMA_FUSED if local in g), (local,))
+            w = torch.cat([float_model.get_submodule(f"{layer}.{n}").weight.detach().flatten() for n in group])
             expected = generate_gparam(w.amin().reshape(1), w.amax().reshape(1))
             assert torch.equal(tensors[f"{name}.weight_global_scale"], expected)
 

@@ -117,19 +117,29 @@ def test_nvfp4_all_zero_tensor_has_global_scale_one_and_zero_values():
     assert (q.codes == 0).all() and (formats.dequantize(q) == 0).all()
 
 
-def test_mxfp4_scale_exponent_is_floor_log2_amax_minus_2():
+def _mx_amax_cases() -> torch.Tensor:
     g = torch.Generator().manual_seed(4)
     amax = torch.exp2(torch.empty(256).uniform_(-100, 100, generator=g))
     powers = torch.exp2(torch.arange(-60, 61, 7, dtype=torch.float32))
-    # Powers of two and the floats just below them, where log2 in float32 rounds up to the integer.
-    amax = torch.cat([amax, powers, torch.nextafter(powers, torch.zeros_like(powers))])
+    # Powers of two and the floats just below them (where log2 in float32 rounds up to the integer),
+    # and the mantissa 1.75 where the rule rounds up, with its neighbours.
+    at_175 = powers * 1.75
+    return torch.cat([amax, powers, torch.nextafter(powers, torch.zeros_like(powers)), at_175,
+                      torch.nextafter(at_175, torch.zeros_like(at_175)), powers * 1.5])
+
+
+def test_mxfp4_scale_exponent_is_floor_log2_of_amax_rounded_to_one_mantissa_bit_minus_2():
+    amax = _mx_amax_cases()
     x = torch.zeros(amax.numel(), 32)
     x[:, 7] = -amax
 
     q = formats.quantize(x, "mxfp4")
 
     assert q.scale.dtype == torch.uint8
-    expected = [math.floor(math.log2(a)) - 2 + 127 for a in amax.double().tolist()]
+    def rounded_exponent(a: float) -> int:
+        e = math.floor(math.log2(a))
+        return e + (a / 2.0**e >= 1.75)
+    expected = [rounded_exponent(a) - 2 + 127 for a in amax.double().tolist()]
     assert q.scale.flatten().tolist() == expected
     # E8M0 scales are powers of two: decoding code 2 (value 1.0) gives the scale itself.
     assert torch.equal(fp4.mxfp4_scale_value(q.scale), torch.exp2(torch.tensor(expected, dtype=torch.float32)[:, None] - 127))
@@ -148,12 +158,25 @@ def test_mxfp4_roundtrip_exact_on_grid_values():
     assert torch.equal(formats.dequantize(q), x)
 
 
-def test_mxfp4_values_between_6_and_8_times_scale_saturate():
-    # amax 7.5: exponent floor(log2 7.5) - 2 = 0, so 7.5 sits above the largest E2M1 value and clips to 6.
-    x = torch.tensor([[7.5, 6.5, 3.0] + [0.0] * 29])
+def test_mxfp4_values_between_6_and_7_times_scale_saturate_and_above_7_take_the_next_exponent():
+    # amax 6.5: mantissa 1.625 keeps exponent floor(log2 6.5) - 2 = 0, and 6.5 clips to 6 (half a step).
+    x = torch.tensor([[6.5, 6.25, 3.0] + [0.0] * 29])
     q = formats.quantize(x, "mxfp4")
     assert q.scale.item() == 127
     assert formats.dequantize(q)[0, :3].tolist() == [6.0, 6.0, 3.0]
+    # amax 7.5: mantissa 1.875 rounds up, exponent 1, so 7.5 -> 8 (3.75 * 2 -> 4 * 2) instead of 6; 6.5 -> 6.
+    x = torch.tensor([[7.5, 6.5, 3.0] + [0.0] * 29])
+    q = formats.quantize(x, "mxfp4")
+    assert q.scale.item() == 128
+    assert formats.dequantize(q)[0, :3].tolist() == [8.0, 6.0, 3.0]
+
+
+def test_mxfp4_exponents_equal_compressed_tensors_generate_mx_scales():
+    mx = pytest.importorskip("compressed_tensors.quantization.utils.mxfp_utils")
+    amax = _mx_amax_cases()
+    amax = amax[(amax > 2.0**-120) & (amax < 2.0**120)]  # inside E8M0's range, where both rules apply
+    expected = mx.generate_mx_scales(amax, num_bits=4)
+    assert torch.equal(fp4.mxfp4_block_scale(amax).float(), expected.float())
 
 
 def test_mxfp4_all_zero_block_gets_the_smallest_scale():

@@ -93,3 +93,26 @@ def test_quantized_model_logits_stay_close_to_float():
         out = model(ids).logits
     assert (out - ref).norm() / ref.norm() < 0.05
     assert not torch.equal(out, ref)
+
+
+NVFP4_W4A4 = SchemeGroup(("Linear",), WeightScheme("nvfp4", "group", 16), ActivationScheme("nvfp4", "group", True))
+
+
+@pytest.mark.parametrize("rounder", [Stage("rtn", RTNParams()), Stage("gptq", GPTQParams(block_size=16))], ids=["rtn", "gptq"])
+def test_nvfp4_shards_vllm_fuses_share_one_global_scale(rounder):
+    # vLLM keeps one weight/input global scale per fused qkv_proj / gate_up_proj (the largest stored);
+    # shards quantized with different ones would decode wrongly there.
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:  # make the shards' amaxes differ
+            layer.self_attn.k_proj.weight.mul_(3.0)
+            layer.mlp.up_proj.weight.mul_(0.25)
+    calibrate(model, recipe(rounder, schemes=(NVFP4_W4A4,)), random_calibration(), torch.device("cpu"), progress=False)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for shards in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            scales = [m.qweight.global_scale.item() for m in shards]
+            assert scales == [scales[0]] * len(shards), scales
+            assert len({m.input_amax.item() for m in shards}) == 1
+        # Unfused Linears keep their own: o_proj's amax differs from q/k/v's.
+        assert attn.o_proj.qweight.global_scale.item() != attn.q_proj.qweight.global_scale.item()
