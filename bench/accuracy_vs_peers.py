@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import fcntl
 import json
+import math
 import os
 import platform
 import resource
@@ -97,15 +98,12 @@ def _ppl(model, ids) -> float:
         return float(torch.exp(model(ids, labels=ids).loss))
 
 
-def _ppl_wide(model, windows: list[list[int]]) -> float:
-    """Perplexity over equal-length windows, each scored on its own (mean token NLL over all)."""
-    import math
-
+def _nll_wide(model, windows: list[list[int]]) -> list[float]:
+    """Mean token NLL of each window, scored on its own; their mean's exp is the wide perplexity."""
     import torch
 
     with torch.no_grad():
-        nll = [float(model(torch.tensor([w]), labels=torch.tensor([w])).loss) for w in windows]
-    return math.exp(sum(nll) / len(nll))
+        return [float(model(torch.tensor([w]), labels=torch.tensor([w])).loss) for w in windows]
 
 
 def worker(name: str, samples_file: str, eval_file: str) -> dict:
@@ -128,7 +126,8 @@ def worker(name: str, samples_file: str, eval_file: str) -> dict:
     result = calibrate(model, recipe, calib, torch.device("cpu"), progress=False)
     seconds = time.perf_counter() - t0
     data = json.loads(Path(eval_file).read_text())
-    return {"ppl": _ppl(model, torch.tensor([data["ids"]])), "ppl_wide": _ppl_wide(model, data["wide"]),
+    nll = _nll_wide(model, data["wide"])
+    return {"ppl": _ppl(model, torch.tensor([data["ids"]])), "ppl_wide": math.exp(sum(nll) / len(nll)), "nll_wide": nll,
             "calib_seconds": round(seconds, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "notes": result.notes[:5]}
@@ -158,7 +157,7 @@ def _prepare(num_samples: int, seq_len: int, workdir: Path) -> dict:
     eval_file = workdir / "eval_ids.json"
     _write_atomic(eval_file, json.dumps({"ids": eval_ids, "wide": wide}))
     return {"samples": str(samples), "eval": str(eval_file), "float_model": resolve_model("smollm2-135m"),
-            "baseline_ppl": _ppl(model, torch.tensor([eval_ids])), "baseline_ppl_wide": _ppl_wide(model, wide),
+            "baseline_ppl": _ppl(model, torch.tensor([eval_ids])), "baseline_nll_wide": _nll_wide(model, wide),
             "calib_digest": calib.digest}
 
 
@@ -197,7 +196,8 @@ def main() -> int:
     workdir = ROOT / ".cache" / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
     setup = _prepare(args.num_samples, args.seq_len, workdir)
-    results.update({"baseline_ppl": setup["baseline_ppl"], "baseline_ppl_wide": setup["baseline_ppl_wide"],
+    results.update({"baseline_ppl": setup["baseline_ppl"], "baseline_nll_wide": setup["baseline_nll_wide"],
+                    "baseline_ppl_wide": math.exp(sum(setup["baseline_nll_wide"]) / len(setup["baseline_nll_wide"])),
                     "calib_digest": setup["calib_digest"], "num_samples": args.num_samples, "seq_len": args.seq_len,
                     "eval": f"first {EVAL_TOKENS} tokens of {EVAL_TEXT}",
                     "eval_wide": f"{WIDE_WINDOWS} windows of {EVAL_TOKENS} tokens of {', '.join(WIDE_TEXTS)}",
@@ -255,14 +255,14 @@ def _rescore_peer(results: dict, names: list[str], eval_file: str, workdir: Path
     for name in names:
         key = f"{name}|llm-compressor"
         entry, output = results["runs"].get(key), workdir / "peer" / name
-        if not entry or not entry.get("ok") or "ppl_wide" in entry or not (output / "config.json").is_file():
+        if not entry or not entry.get("ok") or "nll_wide" in entry or not (output / "config.json").is_file():
             continue
         print(f"[bench] rescoring {key} ...", file=sys.stderr, flush=True)
         _, _, peer = SCHEMES[name]
         scores = _run_json([str(PEER_PY), str(PEER_RUN), "--model-dir", ".", "--scheme", peer, "--output", str(output),
                             "--eval-ids", eval_file, "--score-only"], 3600)
         if scores.get("ok"):
-            entry["ppl_wide"] = scores["ppl_wide"]
+            entry["ppl_wide"], entry["nll_wide"] = scores["ppl_wide"], scores["nll_wide"]
             _save(results, key)
 
 
@@ -287,6 +287,16 @@ def table(results: dict) -> str:
                 cells += [f"{e['ppl']:.3f}", f"{100 * (e['ppl'] / base - 1):+.1f}%", wide_delta, f"{e['calib_seconds']:.0f}",
                           f"{e['peak_rss_mib']:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
+    rows += ["", "Paired over the wide windows: quantlab's perplexity relative to llm-compressor's, exp(mean NLL difference) - 1,",
+             "with +/- two standard errors of that mean (negative: quantlab lower).", "",
+             "| scheme | quantlab vs llm-compressor (wide) |", "|---|---|"]
+    for name in SCHEMES:
+        a, b = (results["runs"].get(f"{name}|{tool}", {}).get("nll_wide") for tool in ("quantlab", "llm-compressor"))
+        if a and b:
+            d = [x - y for x, y in zip(a, b)]
+            mean = sum(d) / len(d)
+            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+            rows.append(f"| {name} | {100 * (math.exp(mean) - 1):+.2f}% ± {100 * 2 * se:.2f}% |")
     return "\n".join(rows)
 
 

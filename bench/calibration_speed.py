@@ -28,6 +28,7 @@ INT4 = SchemeGroup(("Linear",), WeightScheme("int4", "group", 128))
 RECIPES = {
     "w4a16-rtn": (INT4, (Stage("rtn", RTNParams()),)),
     "w4a16-gptq": (INT4, (Stage("gptq", GPTQParams()),)),
+    "w4a16-gptq-one-pass": (INT4, (Stage("gptq", GPTQParams(true_sequential=False)),)),
     "w4a16-awq": (INT4, (Stage("awq", AWQParams()), Stage("rtn", RTNParams()))),
     "fp8-dynamic": (SchemeGroup(("Linear",), WeightScheme("fp8_e4m3", "channel"), ActivationScheme("fp8_e4m3", "token", True)),
                     (Stage("rtn", RTNParams()),)),

@@ -118,12 +118,24 @@ def _to(obj, device):
     return obj
 
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device) -> list[torch.Tensor]:
+def _activation_device(hidden: list[torch.Tensor], device: torch.device) -> torch.device:
+    """Where a layer's inputs and outputs wait between passes: on the calibration GPU when the three
+    sets alive at once (inputs, float outputs, quantized outputs) fit in half its free memory, else in
+    host memory. Copying them across PCIe on every pass would otherwise dominate calibration time."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = 3 * sum(h.numel() * h.element_size() for h in hidden)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < free // 2 else torch.device("cpu")
+
+
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device,
+               keep_on: torch.device) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad():
         for h, kw in zip(hidden, kwargs):
             out = layer(h.to(device), **_to(kw, device))
-            outs.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
+            outs.append((out[0] if isinstance(out, tuple) else out).to(keep_on))
     return outs
 
 
@@ -195,6 +207,8 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
                  and not any(_needs_input_amax(g) for g in recipe.schemes))
     ids = calib.input_ids[:BATCH_SIZE] if data_free else calib.input_ids
     hidden, kwargs = _capture_layer0_inputs(model, layers, ids)
+    keep_on = _activation_device(hidden, device)
+    hidden, kwargs = [h.to(keep_on) for h in hidden], [_to(kw, keep_on) for kw in kwargs]
     layer_prefix = next(n for n, m in model.named_modules() if m is layers)
 
     stats, notes = [], []
@@ -212,7 +226,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
         ctx = LayerContext(
             name=name, layer=layer, targets={n: layer.get_submodule(n) for n in schemes}, schemes=schemes,
             mappings=layer_mappings(layer, set(schemes)), fused=fused_shards(layer, set(schemes)),
-            run=lambda num_batches=None, layer=layer: _run_layer(layer, hidden[:num_batches], kwargs[:num_batches], device),
+            run=lambda num_batches=None, layer=layer: _run_layer(layer, hidden[:num_batches], kwargs[:num_batches], device, keep_on),
             num_tokens=sum(h.shape[0] * h.shape[1] for h in hidden),
         )
         float_out = ctx.run()

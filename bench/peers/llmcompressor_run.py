@@ -247,7 +247,8 @@ def _nll(model, ids) -> float:
 
 def score_checkpoint(output: Path, eval_file: Path) -> dict:
     """Perplexity of a saved checkpoint on the eval file's tokens: ``ppl`` on ``ids`` (one sequence)
-    and, if the file has ``wide`` (equal-length windows, each scored on its own), ``ppl_wide``.
+    and, if the file has ``wide`` (equal-length windows, each scored on its own), ``ppl_wide`` and the
+    windows' mean token NLLs ``nll_wide``.
 
     The checkpoint is loaded back through transformers' compressed-tensors integration (what a user of
     the peer does). It is scored in float32 where the integration allows it; its NVFP4/MXFP4 path
@@ -271,7 +272,7 @@ def score_checkpoint(output: Path, eval_file: Path) -> dict:
     scores = {"ppl": ppl, "eval_dtype": str(eval_dtype).removeprefix("torch.")}
     if data.get("wide"):
         nll = [_nll(loaded, torch.tensor([w])) for w in data["wide"]]
-        scores["ppl_wide"] = math.exp(sum(nll) / len(nll))
+        scores["ppl_wide"], scores["nll_wide"] = math.exp(sum(nll) / len(nll)), nll
     return scores
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .. import formats, observers
+from . import gptq_kernel
 from ..errors import CalibrationError
 from ..recipe.schema import WeightScheme
 
@@ -127,13 +128,21 @@ def _upper_inverse_cholesky(h: torch.Tensor, dampening: float) -> tuple[torch.Te
                            f"({_MAX_DAMPING_RETRIES} retries at 10x each); the calibration inputs are degenerate")
 
 
-def _column_params(qp: formats.QParams, k: int | None) -> formats.QParams:
-    """The parameters of group ``k`` (None: per channel or per tensor) as a column-shaped QParams [out]."""
-    if k is None:
-        scale, zp = qp.scale.reshape(-1), None if qp.zero_point is None else qp.zero_point.reshape(-1)
-    else:
-        scale, zp = qp.scale[:, k], None if qp.zero_point is None else qp.zero_point[:, k]
-    return formats.QParams(qp.fmt, scale, zp, qp.global_scale)
+def _expand_columns(qp: formats.QParams, groups: torch.Tensor | None, rows: int, n: int) -> formats.QParams:
+    """Per-column parameters [rows, n]: column p takes group ``groups[p]`` of ``qp`` (None: ``qp`` has
+    one scale per row, or one for the tensor, shared by every column)."""
+    def expand(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        t = t.reshape(rows, -1) if t.numel() > 1 else t.reshape(1, 1)
+        return t[:, groups] if groups is not None else t.expand(rows, n)
+
+    return formats.QParams(qp.fmt, expand(qp.scale), expand(qp.zero_point), qp.global_scale)
+
+
+def _column_slice(qp: formats.QParams, i1: int, i2: int) -> formats.QParams:
+    zp = None if qp.zero_point is None else qp.zero_point[:, i1:i2]
+    return formats.QParams(qp.fmt, qp.scale[:, i1:i2], zp, qp.global_scale)
 
 
 class _Rounded(NamedTuple):
@@ -190,39 +199,38 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
 
     hinv, damping, retries = _upper_inverse_cholesky(h, params.dampening)
     del h
-    perm_list = None if perm is None else perm.tolist()  # read per column; avoid a device sync each
-
-    def group_of(p: int) -> int | None:
-        """The group of the column at processing position p (None without groups)."""
-        if not grouped:
-            return None
-        return (p if dynamic_groups or perm_list is None else perm_list[p]) // gs
+    if not dynamic_groups:
+        # Each processing position's static parameters, gathered once: position p uses its column's
+        # group (original order under act_order), or the row's channel / the tensor's one scale.
+        groups = (perm if perm is not None else torch.arange(num_in, device=w.device)) // gs if grouped else None
+        col_qp = _expand_columns(qp, groups, num_out, num_in)
 
     q = torch.zeros_like(w)
     for i1 in range(0, num_in, params.block_size):
         i2 = min(i1 + params.block_size, num_in)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            p = i1 + i
-            if dynamic_groups and p % gs == 0:
+        q1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2].contiguous()
+        if not dynamic_groups:
+            gptq_kernel.round_columns(w1, hinv1, q1, err1, 0, _column_slice(col_qp, i1, i2))
+        # Dynamic groups: a group's range is taken from the current weights when its first column is
+        # reached, so the block is rounded one group segment at a time.
+        starts = sorted({i1, *range(-(-i1 // gs) * gs, i2, gs)}) if dynamic_groups else []
+        for a, b in zip(starts, starts[1:] + [i2]):
+            if a % gs == 0:
                 # The group's current weights: in this block, w1; past it, w still lacks this block's
                 # updates so far, which are added here (the reference reads the stale w instead).
+                i = a - i1
                 current = w1[:, i:i + gs]
-                if p + gs > i2:
-                    rest = w[:, i2:p + gs] - err1[:, :i] @ hinv[i1:p, i2:p + gs]
+                if a + gs > i2:
+                    rest = w[:, i2:a + gs] - err1[:, :i] @ hinv[i1:a, i2:a + gs]
                     current = torch.cat([current, rest], dim=1)
                 lo, hi = observers.weight_range(current, scheme)
-                amin[:, p // gs], amax[:, p // gs] = lo[:, 0], hi[:, 0]
+                amin[:, a // gs], amax[:, a // gs] = lo[:, 0], hi[:, 0]
                 group_qp = formats.qparams(scheme.format, lo, hi, global_amax)
-            col = w1[:, i]
-            col_qp = _column_params(group_qp, 0) if dynamic_groups else _column_params(qp, group_of(p))
-            qcol = formats.fake_quantize(col, col_qp)
-            q[:, p] = qcol
-            err = (col - qcol) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
+            gptq_kernel.round_columns(w1, hinv1, q1, err1, a - i1, _expand_columns(group_qp, None, num_out, b - a))
+        q[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     order = g_idx = None
