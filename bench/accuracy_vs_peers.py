@@ -40,6 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "accuracy_vs_peers.json"
 PEER_PY = ROOT / ".peer-venv" / "bin" / "python"
 PEER_RUN = ROOT / "bench" / "peers" / "llmcompressor_run.py"
+MODELOPT_PY = ROOT / ".modelopt-venv" / "bin" / "python"
+MODELOPT_RUN = ROOT / "bench" / "peers" / "modelopt_run.py"
+# bench scheme -> NVIDIA Model Optimizer scheme (bench/peers/modelopt_run.py), run with --modelopt.
+MODELOPT = {"fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN", "nvfp4a16": "W4A16_NVFP4", "nvfp4-w4a4": "NVFP4"}
 EVAL_TEXT = "calib_data/heldout/apache-2.0.txt"
 EVAL_TOKENS = 1024
 # The wide evaluation: every held-out text in this order, one token stream cut into 1,024-token windows,
@@ -65,6 +69,10 @@ SCHEMES = {
     "w4a16-gptq-asym": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"), "stages": [{"gptq": {"act_order": False}}]}, "W4A16_GPTQ_G64_ASYM"),
     "w4a16-gptq-asym-actorder": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"), "stages": [{"gptq": {"act_order": True}}]}, "W4A16_GPTQ_G64_ASYM_ACTORDER"),
     "w4a16-gptq-asym-actorder-mse": ("w4a16-gptq", {"weights": _int4("int4_asym", "mse")}, None),
+    "w4a16-gptq-asym-one-pass": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"),
+                                                 "stages": [{"gptq": {"act_order": False, "true_sequential": False}}]}, None),
+    "w4a16-gptq-asym-actorder-one-pass": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"),
+                                                          "stages": [{"gptq": {"act_order": True, "true_sequential": False}}]}, None),
     "w4a16-awq-asym": ("w4a16-awq", {}, "W4A16_AWQ_G64_ASYM"),
     "nvfp4a16": ("nvfp4a16", {}, "NVFP4A16"),
     "nvfp4-w4a4": ("nvfp4", {}, "NVFP4"),
@@ -176,6 +184,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--no-peer", action="store_true", help="run quantlab only")
     ap.add_argument("--no-quantlab", action="store_true", help="run the peer only")
+    ap.add_argument("--modelopt", action="store_true", help="also run NVIDIA Model Optimizer where it has the scheme")
     ap.add_argument("--rerun", action="store_true", help="run entries already in the results file again")
     ap.add_argument("--rescore-peer", action="store_true",
                     help="score the peer checkpoints already saved (no calibration) where the wide perplexity is missing")
@@ -214,6 +223,9 @@ def main() -> int:
             cmd = [str(PEER_PY), str(PEER_RUN), "--model-dir", setup["float_model"], "--scheme", peer,
                    "--samples-file", setup["samples"], "--eval-ids", setup["eval"], "--output", str(workdir / "peer" / name)]
             jobs.append(("llm-compressor", cmd + (["--kv-fp8"] if name.endswith("+kv") else [])))
+        if args.modelopt and name in MODELOPT:
+            jobs.append(("nvidia-modelopt", [str(MODELOPT_PY), str(MODELOPT_RUN), "--model-dir", setup["float_model"], "--scheme",
+                                             MODELOPT[name], "--samples-file", setup["samples"], "--eval-ids", setup["eval"]]))
         for tool, cmd in jobs:
             key = f"{name}|{tool}"
             if key in results["runs"] and results["runs"][key].get("ok") and not args.rerun:
@@ -287,17 +299,35 @@ def table(results: dict) -> str:
                 cells += [f"{e['ppl']:.3f}", f"{100 * (e['ppl'] / base - 1):+.1f}%", wide_delta, f"{e['calib_seconds']:.0f}",
                           f"{e['peak_rss_mib']:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
-    rows += ["", "Paired over the wide windows: quantlab's perplexity relative to llm-compressor's, exp(mean NLL difference) - 1,",
+    rows += ["", "NVIDIA Model Optimizer, same samples and tokens (simulated quantization, scored in process):", "",
+             "| scheme | ModelOpt scheme | PPL | Δ | wide Δ | time s | peak MiB |", "|---|---|---|---|---|---|---|"]
+    for name, scheme in MODELOPT.items():
+        e = results["runs"].get(f"{name}|nvidia-modelopt")
+        if e is None:
+            rows.append(f"| {name} | {scheme} | not run |  |  |  |  |")
+        elif not e.get("ok"):
+            rows.append(f"| {name} | {scheme} | failed: {e.get('error', '')[:80]} |  |  |  |  |")
+        else:
+            rows.append(f"| {name} | {scheme} | {e['ppl']:.3f} | {100 * (e['ppl'] / base - 1):+.1f}% | "
+                        f"{100 * (e['ppl_wide'] / wide - 1):+.1f}% | {e['calib_seconds']:.0f} | {e['peak_rss_mib']:.0f} |")
+    rows += ["", "Paired over the wide windows: quantlab's perplexity relative to the peer's, exp(mean NLL difference) - 1,",
              "with +/- two standard errors of that mean (negative: quantlab lower).", "",
-             "| scheme | quantlab vs llm-compressor (wide) |", "|---|---|"]
+             "| scheme | vs llm-compressor | vs ModelOpt |", "|---|---|---|"]
     for name in SCHEMES:
-        a, b = (results["runs"].get(f"{name}|{tool}", {}).get("nll_wide") for tool in ("quantlab", "llm-compressor"))
-        if a and b:
-            d = [x - y for x, y in zip(a, b)]
-            mean = sum(d) / len(d)
-            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-            rows.append(f"| {name} | {100 * (math.exp(mean) - 1):+.2f}% ± {100 * 2 * se:.2f}% |")
+        ours = results["runs"].get(f"{name}|quantlab", {}).get("nll_wide")
+        cells = [_paired(ours, results["runs"].get(f"{name}|{tool}", {}).get("nll_wide")) for tool in ("llm-compressor", "nvidia-modelopt")]
+        if any(cells):
+            rows.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows)
+
+
+def _paired(a: list[float] | None, b: list[float] | None) -> str:
+    if not a or not b:
+        return ""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    return f"{100 * (math.exp(mean) - 1):+.2f}% ± {100 * 2 * se:.2f}%"
 
 
 if __name__ == "__main__":

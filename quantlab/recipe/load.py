@@ -22,7 +22,7 @@ Unknown keys are refused everywhere, listing the allowed ones. Layout (``#`` mar
       kv_cache: {format: fp8_e4m3, granularity: tensor}                      # optional
     stages:                          # required: single-key maps, algorithm -> parameters ({} or null)
       - smoothquant: {alpha: 0.8}    # transforms first ...
-      - gptq: {block_size: 128, dampening: 0.01, act_order: true}   # ... then exactly one rounder
+      - gptq: {block_size: 128, dampening: 0.01, act_order: true, static_groups: true, true_sequential: true}  # ... then one rounder
     eval: {dataset: calib_data/heldout/apache-2.0.txt, context_len: 512, stride: 256, max_tokens: 4096,
            tasks: [], limit: null, seed: 1234,
            gates: {max_ppl_increase_pct: 5, min_task_recovery_pct: 95, max_kl: 0.1, min_top1_agreement: 0.8}}

@@ -312,7 +312,8 @@ def _stages(data: object, schemes: tuple[SchemeGroup, ...]) -> tuple[Stage, ...]
                                           f"but quantization.schemes[{j}] has no activations")
             if name == "gptq" and stages[i].params.act_order and not stages[i].params.static_groups:
                 raise Violation(f"{where[i]}.static_groups", "must be true: act_order with dynamic groups needs a "
-                                                             "weight_g_idx, which quantlab checkpoints do not store yet", False)
+                                                             "weight_g_idx, which compressed-tensors refuses since 0.19, "
+                                                             "where actorder 'group' was removed", False)
             if name == "gptq" and group.weights.format not in GPTQ_FORMATS:
                 raise Violation(where[i], f"needs {_either(GPTQ_FORMATS)} weights, but "
                                           f"quantization.schemes[{j}].weights.format is {group.weights.format}")

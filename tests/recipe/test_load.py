@@ -162,6 +162,13 @@ MISTAKES = {
     "wrong type": (
         edit("block_size: 128", "block_size: x"),
         "r.yaml:8: stages[0].gptq.block_size must be a positive integer (got 'x')"),
+    "string where bool expected": (
+        edit("block_size: 128", "true_sequential: 'yes'"),
+        "r.yaml:8: stages[0].gptq.true_sequential must be true or false (got 'yes')"),
+    "act order without static groups": (
+        edit("block_size: 128", "act_order: true, static_groups: false"),
+        "r.yaml:8: stages[0].gptq.static_groups must be true: act_order with dynamic groups needs a weight_g_idx, which "
+        "compressed-tensors refuses since 0.19, where actorder 'group' was removed (got False)"),
     "bool where int expected": (
         BASE + "calibration: {seq_len: true}\n",
         "r.yaml:9: calibration.seq_len must be a positive integer (got True)"),
