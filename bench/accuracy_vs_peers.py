@@ -43,7 +43,8 @@ PEER_RUN = ROOT / "bench" / "peers" / "llmcompressor_run.py"
 MODELOPT_PY = ROOT / ".modelopt-venv" / "bin" / "python"
 MODELOPT_RUN = ROOT / "bench" / "peers" / "modelopt_run.py"
 # bench scheme -> NVIDIA Model Optimizer scheme (bench/peers/modelopt_run.py), run with --modelopt.
-MODELOPT = {"fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN", "nvfp4a16": "W4A16_NVFP4", "nvfp4-w4a4": "NVFP4"}
+MODELOPT = {"fp8-dynamic": "FP8_PER_CHANNEL_PER_TOKEN", "w4a16-awq-sym": "INT4_AWQ_G64", "nvfp4a16": "W4A16_NVFP4",
+            "nvfp4-w4a4": "NVFP4"}
 EVAL_TEXT = "calib_data/heldout/apache-2.0.txt"
 EVAL_TOKENS = 1024
 # The wide evaluation: every held-out text in this order, one token stream cut into 1,024-token windows,
@@ -74,6 +75,7 @@ SCHEMES = {
     "w4a16-gptq-asym-actorder-one-pass": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"),
                                                           "stages": [{"gptq": {"act_order": True, "true_sequential": False}}]}, None),
     "w4a16-awq-asym": ("w4a16-awq", {}, "W4A16_AWQ_G64_ASYM"),
+    "w4a16-awq-sym": ("w4a16-awq", {"weights": _int4("int4", "minmax")}, None),
     "nvfp4a16": ("nvfp4a16", {}, "NVFP4A16"),
     "nvfp4-w4a4": ("nvfp4", {}, "NVFP4"),
     "mxfp4a16": ("mxfp4", {}, "MXFP4A16"),
