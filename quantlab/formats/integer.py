@@ -1,7 +1,6 @@
 """Integer formats: INT8 and INT4, symmetric or asymmetric (zero point), with a float scale.
 
-Symmetric: scale = amax / amax_code (127 for int8, 7.5 for int4: see ``spec.FORMATS``),
-code = clamp(round(x / scale), qmin, qmax), x' = code * scale.
+Symmetric: scale = amax / qmax, code = clamp(round(x / scale), qmin, qmax), x' = code * scale.
 Asymmetric: the range is widened to include 0 (so 0 is exact, as kernels assume), scale =
 (hi - lo) / (qmax - qmin), zero_point = clamp(round(qmin - lo / scale), qmin, qmax),
 code = clamp(round(x / scale) + zero_point, qmin, qmax), x' = (code - zero_point) * scale.
@@ -30,7 +29,7 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: FormatSpec) -> tuple[torch
     """Scale (in ``spec.scale_dtype``) and zero point (int8, or None if symmetric) from a range."""
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        return store_scale(amax / spec.amax_code, spec.scale_dtype), None
+        return store_scale(amax / spec.qmax, spec.scale_dtype), None
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = store_scale((hi - lo) / (spec.qmax - spec.qmin), spec.scale_dtype)
     zero_point = torch.round(spec.qmin - lo / scale.float()).clamp(spec.qmin, spec.qmax)

@@ -27,7 +27,6 @@ class FormatSpec:
         scale_dtype: dtype scales are stored in. Scales are rounded to it *before* they are used,
             so the simulated values equal what a kernel reading the checkpoint computes.
         element_dtype: torch dtype of unpacked codes (int8, float8, or uint8 4-bit codes).
-        amax_code: symmetric int formats only: the code value amax maps to, ``scale = amax / amax_code``.
     """
 
     name: str
@@ -39,7 +38,6 @@ class FormatSpec:
     block_size: int | None
     scale_dtype: torch.dtype
     element_dtype: torch.dtype
-    amax_code: float | None = None
 
 
 FP8_E4M3_MAX = 448.0  # OCP FP8 E4M3 (the "fn" variant: no inf, one NaN pattern)
@@ -52,13 +50,9 @@ E8M0_BIAS = 127
 E2M1_EMAX = 2
 
 FORMATS: dict[str, FormatSpec] = {
-    # amax -> 127, the divisor of vLLM's dynamic int8 activation kernels, so simulated activations match.
-    "int8": FormatSpec("int8", "int", 8, True, -128, 127, None, torch.float32, torch.int8, amax_code=127.0),
+    "int8": FormatSpec("int8", "int", 8, True, -128, 127, None, torch.float32, torch.int8),
     # Group-wise int4 scales are stored in bf16 (as W4A16 kernels read them); 0.25 bit/weight at g64.
-    # amax -> 7.5, the middle of the full code range (GPTQ's and compressed-tensors' convention): steps
-    # 7% finer than amax -> 7, for half a step of clipping at the positive extreme; on SmolLM2-135M
-    # W4A16 RTN g64 it lowered the wide held-out perplexity from 24.08 to 23.49 (docs/accuracy.md).
-    "int4": FormatSpec("int4", "int", 4, True, -8, 7, None, torch.bfloat16, torch.int8, amax_code=7.5),
+    "int4": FormatSpec("int4", "int", 4, True, -8, 7, None, torch.bfloat16, torch.int8),
     "int4_asym": FormatSpec("int4_asym", "int", 4, False, -8, 7, None, torch.bfloat16, torch.int8),
     "fp8_e4m3": FormatSpec("fp8_e4m3", "fp8", 8, True, -FP8_E4M3_MAX, FP8_E4M3_MAX, None, torch.float32, torch.float8_e4m3fn),
     "fp8_e5m2": FormatSpec("fp8_e5m2", "fp8", 8, True, -FP8_E5M2_MAX, FP8_E5M2_MAX, None, torch.float32, torch.float8_e5m2),
