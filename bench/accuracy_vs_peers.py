@@ -287,6 +287,8 @@ def table(results: dict) -> str:
             "| scheme | quantlab PPL | Δ | wide Δ | time s | peak MiB | llm-compressor PPL | Δ | wide Δ | time s | peak MiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in SCHEMES:
+        if SCHEMES[name][2] is None and f"{name}|quantlab" not in results["runs"]:
+            continue  # a quantlab-only variant never run: nothing to show
         cells = [name]
         for tool in ("quantlab", "llm-compressor"):
             e = results["runs"].get(f"{name}|{tool}")
