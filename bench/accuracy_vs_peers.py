@@ -85,6 +85,9 @@ SCHEMES = {
     "w8a8-smoothquant-gptq+kv": ("w8a8-smoothquant", {"kv": True}, "W8A8_SQ"),
     "w4a16-gptq-asym+kv": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"), "stages": [{"gptq": {"act_order": False}}], "kv": True}, "W4A16_GPTQ_G64_ASYM"),
     "nvfp4-w4a4+kv": ("nvfp4", {"kv": True}, "NVFP4"),
+    "w4a16-rtn-asym-minmax+kv": ("w4a16-rtn", {"weights": _int4("int4_asym", "minmax"), "kv": True}, "W4A16_RTN_G64_ASYM"),
+    "nvfp4a16+kv": ("nvfp4a16", {"kv": True}, "NVFP4A16"),
+    "mxfp4a16+kv": ("mxfp4", {"kv": True}, "MXFP4A16"),
 }
 
 
