@@ -88,6 +88,7 @@ SCHEMES = {
     "w4a16-rtn-asym-minmax+kv": ("w4a16-rtn", {"weights": _int4("int4_asym", "minmax"), "kv": True}, "W4A16_RTN_G64_ASYM"),
     "nvfp4a16+kv": ("nvfp4a16", {"kv": True}, "NVFP4A16"),
     "mxfp4a16+kv": ("mxfp4", {"kv": True}, "MXFP4A16"),
+    "w4a16-awq-asym+kv": ("w4a16-awq", {"kv": True}, "W4A16_AWQ_G64_ASYM"),
 }
 
 

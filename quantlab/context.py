@@ -3,7 +3,7 @@ passes it explicitly to each stage; nothing here is global."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -13,21 +13,39 @@ from .mappings import Mapping
 from .recipe.schema import SchemeGroup
 
 
+class _Reached(Exception):
+    """Raised by ``LayerContext.run``'s hooks to end a batch's forward early."""
+
+
+def to_device(obj, device: torch.device):
+    """``obj`` with every tensor in it (also inside tuples and dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 @dataclass
 class LayerContext:
-    """One decoder layer under calibration.
+    """One decoder layer under calibration, with the calibration batches it reads.
 
     Attributes:
         name: the layer's module name, e.g. ``model.layers.3``.
-        layer: the layer, on the calibration device.
+        layer: the layer, on ``device``.
         targets: Linears to quantize, by name relative to the layer (``self_attn.q_proj``).
         schemes: the scheme of each target.
         mappings: smoothing groups whose Linears are all targets.
-        run: runs the layer over every calibration batch (no grad) and returns the outputs; forward hooks
-            registered on submodules see every batch. ``run(num_batches=k)`` runs only the first k.
-        num_tokens: calibration tokens per pass (all batches).
+        inputs: the layer's input hidden states, one tensor per batch, on ``keep_on``.
+        kwargs: the other arguments of the layer's forward per batch (masks, rotary embeddings).
+        device: where the layer runs.
+        keep_on: where inputs and outputs wait between passes (``device`` or the CPU).
         fused: groups of targets a serving engine fuses into one Linear (``mappings.fused_shards``).
         max_tokens: cap on tokens kept by ``capture_inputs`` (evenly strided), bounding memory on big models.
+        stages: the targets grouped by shared input (q/k/v; gate/up) in the order the layer runs them, set
+            by ``run_and_trace``; empty before.
     """
 
     name: str
@@ -35,11 +53,83 @@ class LayerContext:
     targets: dict[str, nn.Linear]
     schemes: dict[str, SchemeGroup]
     mappings: list[Mapping]
-    run: Callable[..., list[torch.Tensor]]
-    num_tokens: int
-    max_tokens: int = 16384
+    inputs: list[torch.Tensor]
+    kwargs: list[dict]
+    device: torch.device = torch.device("cpu")
+    keep_on: torch.device = torch.device("cpu")
     fused: list[tuple[str, ...]] = field(default_factory=list)
+    max_tokens: int = 16384
+    stages: list[list[str]] = field(default_factory=list)
     _notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Calibration tokens per pass (all batches)."""
+        return sum(h.shape[:-1].numel() for h in self.inputs)
+
+    def run(self, num_batches: int | None = None, until: Collection[str] = ()) -> list[torch.Tensor]:
+        """Run the layer over the calibration batches (no grad); forward hooks registered on submodules
+        see every batch.
+
+        Args:
+            num_batches: run only the first ``num_batches`` batches (default: all).
+            until: submodule names. When given, each batch's forward stops as soon as all of them have
+                run (after their forward hooks), which saves the rest of the layer for passes that only
+                collect those submodules' inputs, and no outputs are returned.
+
+        Returns:
+            The layer's outputs per batch, on ``keep_on`` (empty when ``until`` is given).
+        """
+        waiting: set[str] = set()
+
+        def reached(name: str) -> None:
+            waiting.discard(name)
+            if not waiting:
+                raise _Reached
+
+        # Registered after any caller's hooks, so those see the input before the forward ends.
+        handles = [self.layer.get_submodule(n).register_forward_hook(lambda _m, _a, _o, n=n: reached(n)) for n in until]
+        outs = []
+        try:
+            with torch.no_grad():
+                for h, kw in zip(self.inputs[:num_batches], self.kwargs[:num_batches]):
+                    waiting.update(until)
+                    try:
+                        out = self.layer(h.to(self.device), **to_device(kw, self.device))
+                    except _Reached:
+                        continue
+                    if not until:
+                        outs.append((out[0] if isinstance(out, tuple) else out).to(self.keep_on))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outs
+
+    def run_and_trace(self) -> list[torch.Tensor]:
+        """``run()``, also recording ``stages`` from the first batch: targets reading the same input tensor
+        form one stage. Watched rather than taken from a per-architecture list, so any layer the pipeline
+        can run is covered; a target the batch never reached still gets a stage, last."""
+        first_input: dict[str, torch.Tensor] = {}
+
+        def watch(name: str, x: torch.Tensor) -> None:  # a forward hook's return value would replace the output
+            first_input.setdefault(name, x)
+
+        handles = [lin.register_forward_hook(lambda _m, args, _o, n=name: watch(n, args[0]))
+                   for name, lin in self.targets.items()]
+        try:
+            outs = self.run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        stages: list[list[str]] = []
+        for name, x in first_input.items():  # dict order = call order
+            stage = next((s for s in stages if first_input[s[0]] is x), None)
+            if stage is None:
+                stages.append([name])
+            else:
+                stage.append(name)
+        self.stages = stages + [[n] for n in self.targets if n not in first_input]
+        return outs
 
     def capture_inputs(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Inputs of the named submodules over all batches, flattened to float32 [tokens, features].
@@ -56,7 +146,7 @@ class LayerContext:
             for n in names
         ]
         try:
-            self.run()
+            self.run(until=names)
         finally:
             for h in handles:
                 h.remove()

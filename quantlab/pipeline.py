@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import algorithms
 from .algorithms import awq, gptq, rtn, smoothquant
-from .context import LayerContext
+from .context import LayerContext, to_device
 from .data import CalibrationSet
 from .errors import CalibrationError, QuantlabError
 from .fake_quant import KVCacheQuant, QuantLinear, enable_kv_quant
@@ -108,16 +108,6 @@ def _capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.T
     return hidden, kwargs
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _activation_device(hidden: list[torch.Tensor], device: torch.device) -> torch.device:
     """Where a layer's inputs and outputs wait between passes: on the calibration GPU when the three
     sets alive at once (inputs, float outputs, quantized outputs) fit in half its free memory, else in
@@ -127,16 +117,6 @@ def _activation_device(hidden: list[torch.Tensor], device: torch.device) -> torc
     need = 3 * sum(h.numel() * h.element_size() for h in hidden)
     free, _ = torch.cuda.mem_get_info(device)
     return device if need < free // 2 else torch.device("cpu")
-
-
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], device: torch.device,
-               keep_on: torch.device) -> list[torch.Tensor]:
-    outs = []
-    with torch.no_grad():
-        for h, kw in zip(hidden, kwargs):
-            out = layer(h.to(device), **_to(kw, device))
-            outs.append((out[0] if isinstance(out, tuple) else out).to(keep_on))
-    return outs
 
 
 def _check_finite(name: str, what: str, tensors) -> None:
@@ -208,7 +188,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
     ids = calib.input_ids[:BATCH_SIZE] if data_free else calib.input_ids
     hidden, kwargs = _capture_layer0_inputs(model, layers, ids)
     keep_on = _activation_device(hidden, device)
-    hidden, kwargs = [h.to(keep_on) for h in hidden], [_to(kw, keep_on) for kw in kwargs]
+    hidden, kwargs = [h.to(keep_on) for h in hidden], [to_device(kw, keep_on) for kw in kwargs]
     layer_prefix = next(n for n, m in model.named_modules() if m is layers)
 
     stats, notes = [], []
@@ -225,11 +205,10 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
                 schemes[local] = group
         ctx = LayerContext(
             name=name, layer=layer, targets={n: layer.get_submodule(n) for n in schemes}, schemes=schemes,
-            mappings=layer_mappings(layer, set(schemes)), fused=fused_shards(layer, set(schemes)),
-            run=lambda num_batches=None, layer=layer: _run_layer(layer, hidden[:num_batches], kwargs[:num_batches], device, keep_on),
-            num_tokens=sum(h.shape[0] * h.shape[1] for h in hidden),
+            mappings=layer_mappings(layer, set(schemes)), inputs=hidden, kwargs=kwargs, device=device, keep_on=keep_on,
+            fused=fused_shards(layer, set(schemes)),
         )
-        float_out = ctx.run()
+        float_out = ctx.run_and_trace()
         _check_finite(name, "activations", float_out)
         for stage in transforms:
             TRANSFORM_FNS[stage.algorithm](ctx, stage.params)

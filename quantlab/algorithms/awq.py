@@ -10,7 +10,6 @@ searched as in AutoAWQ's ``_compute_best_clip``. Both searches quantize through 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +19,6 @@ from ..recipe.schema import WeightScheme
 from .folding import fold_scales
 
 __all__ = ["AWQParams", "fold_scales", "search_clip", "search_scales"]
-
-Forward = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +49,6 @@ def _fake_quant(w: torch.Tensor, scheme: WeightScheme, **ranges) -> torch.Tensor
     return formats.dequantize(observers.quantize_weight(w, scheme, **ranges))
 
 
-def _concat_outputs(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([x @ w.T for w in weights], dim=-1)
-
-
 def _weight_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
     """AutoAWQ's w_mean: mean over output rows of |W| normalized to [0, 1] within each quant group."""
     w = torch.cat(weights).abs()
@@ -75,24 +68,28 @@ def _candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: 
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x / tokens`` for x [tokens, in]: every output-error objective below is a quadratic form in it."""
+    return (x.T @ x) / x.shape[0]
+
+
 @torch.no_grad()
-def search_scales(x: torch.Tensor, weights: list[torch.Tensor], forward: Forward | None,
-                  weight_scheme: WeightScheme, params: AWQParams) -> tuple[torch.Tensor, dict]:
+def search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_scheme: WeightScheme,
+                  params: AWQParams) -> tuple[torch.Tensor, dict]:
     """Per-input-channel scales for a group of linears reading the same input.
 
     For ratio in {0, 1/grid, ..., (grid-1)/grid}, ``s = x_mean^ratio / w_mean^(1 - ratio)``
     (``duo_scaling``) or ``s = x_mean^ratio``, where x_mean is mean |x| per input channel and w_mean is
-    ``_weight_mean``. Each candidate is scored by the MSE between the float output and the output with
-    weights ``Q(W s) / s`` (the float equivalent of folding s and quantizing). ``s = 1`` is scored too,
-    so the result is never worse than no scaling on this objective (with ``duo_scaling`` ratio 0 means
-    ``s = 1 / w_mean``, not 1).
+    ``_weight_mean``. Each candidate is scored by the mean squared error, over tokens and the group's
+    concatenated outputs, between ``x W^T`` and ``x (Q(W s) / s)^T`` (the float equivalent of folding s
+    and quantizing). That error is ``sum_o d_o^T G d_o / outputs`` with ``d = Q(W s) / s - W`` and
+    ``G = x^T x / tokens``, which is how it is computed: [out, in] x [in, in] per candidate instead of
+    [tokens, in] x [in, out]. ``s = 1`` is scored too, so the result is never worse than no scaling on
+    this objective (with ``duo_scaling`` ratio 0 means ``s = 1 / w_mean``, not 1).
 
     Args:
         x: [tokens, in] (or [..., in]) calibration inputs to the group, float.
         weights: the group's weights, [out_i, in] each (q/k/v, or gate/up, ...).
-        forward: ``forward(x, weights) -> Tensor`` computing the output to match from ``x`` and
-            (fake-quantized) weights in the order given, e.g. a whole attention block. None uses the
-            concatenation of ``x @ W_i^T``.
         weight_scheme: the scheme the weights will be rounded with; quantized with its observer.
         params: ``grid`` and ``duo_scaling`` are used.
 
@@ -103,12 +100,12 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], forward: Forward
     """
     x = x.detach().float().reshape(-1, x.shape[-1])
     ws = [w.detach().float() for w in weights]
-    forward = forward or _concat_outputs
-    reference = forward(x, ws)
+    gram = _gram(x)
+    num_out = sum(w.shape[0] for w in ws)
 
     def loss_of(s: torch.Tensor) -> float:
-        quantized = [_fake_quant(w * s, weight_scheme) / s for w in ws]
-        return (forward(x, quantized) - reference).float().pow(2).mean().item()
+        d = torch.cat([_fake_quant(w * s, weight_scheme) / s - w for w in ws])
+        return float(((d @ gram) * d).sum() / num_out)
 
     x_mean = x.abs().mean(0)
     w_mean = _weight_mean(ws, weight_scheme) if params.duo_scaling else None
@@ -124,19 +121,12 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], forward: Forward
     return best_scales, {"ratio": best_ratio, "loss": best_loss, "loss_unscaled": loss_unscaled, "losses": losses}
 
 
-def _group_output_error(x: torch.Tensor, diff: torch.Tensor, group_len: int) -> torch.Tensor:
-    """mean over tokens of (x_g . diff_{o,g})^2 per output row o and group g: [out, groups].
-
-    Output rows are processed in chunks so the [rows, tokens, groups] product stays near 16M floats.
-    """
-    num_tokens, num_groups = x.shape[0], x.shape[1] // group_len
-    xg = x.reshape(num_tokens, num_groups, group_len)
-    chunk = max(1, (1 << 24) // (num_tokens * num_groups))
-    errs = []
-    for start in range(0, diff.shape[0], chunk):
-        dg = diff[start:start + chunk].reshape(-1, num_groups, group_len)
-        errs.append(torch.einsum("tgk,ogk->otg", xg, dg).pow(2).mean(1))
-    return torch.cat(errs)
+def _group_output_error(group_grams: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """``mean_t (x_g . diff_{o,g})^2`` per output row o and group g, [out, groups], from the groups'
+    Gram blocks [groups, group_len, group_len]: ``diff_{o,g}^T G_g diff_{o,g}``."""
+    num_groups, group_len, _ = group_grams.shape
+    dg = diff.reshape(diff.shape[0], num_groups, group_len)
+    return (torch.einsum("ogk,gkl->ogl", dg, group_grams) * dg).sum(-1)
 
 
 @torch.no_grad()
@@ -165,16 +155,18 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightSche
     w = weight.detach().float()
     x = x.detach().float().reshape(-1, x.shape[-1])
     x = x[::max(1, x.shape[0] // max_tokens)][:max_tokens]
+    group_len = _group_len(w, weight_scheme)
+    xg = x.reshape(x.shape[0], -1, group_len)
+    group_grams = torch.einsum("tgk,tgl->gkl", xg, xg) / x.shape[0]
     lo, hi = observers.minmax(w, weight_scheme)
     if formats.get_spec(weight_scheme.format).symmetric:
         hi = torch.maximum(lo.abs(), hi.abs())
         lo = -hi
     best_lo, best_hi = lo.clone(), hi.clone()
     best_err = torch.full_like(hi, float("inf"))
-    group_len = _group_len(w, weight_scheme)
     for ratio in torch.linspace(1.0, params.max_shrink, max(1, params.clip_grid)).tolist():
         diff = w - _fake_quant(w, weight_scheme, amin=lo * ratio, amax=hi * ratio)
-        err = _group_output_error(x, diff, group_len)
+        err = _group_output_error(group_grams, diff)
         err = err.sum().reshape(1) if weight_scheme.granularity == "tensor" else err.reshape(hi.shape)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -204,7 +196,7 @@ def apply(ctx, params: AWQParams) -> None:
     for m in ctx.mappings:
         linears = [ctx.targets[n] for n in m.linears]
         weights = [lin.weight.detach().float() for lin in linears]
-        scales, _ = search_scales(inputs[m.linears[0]], weights, None, ctx.schemes[m.linears[0]].weights, params)
+        scales, _ = search_scales(inputs[m.linears[0]], weights, ctx.schemes[m.linears[0]].weights, params)
         fold_scales(ctx.layer.get_submodule(m.prev), linears, scales)
     if not params.clip_search:
         return

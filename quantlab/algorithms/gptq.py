@@ -283,38 +283,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     return qt, GPTQStats(r.damping, r.num_damping_retries, r.num_dead_inputs, output_mse, r.g_idx)
 
 
-def _execution_stages(ctx) -> list[list[str]]:
-    """The targets grouped by shared input, in the order the layer runs them.
-
-    Linears reading the same input tensor (q/k/v; gate/up) form one stage. Found by watching one batch
-    rather than from a per-architecture list, so any layer the pipeline can run is covered.
-    """
-    first_input: dict[str, torch.Tensor] = {}
-
-    def hook(_module, args, _out, name):
-        first_input.setdefault(name, args[0])
-
-    handles = [lin.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n)) for name, lin in ctx.targets.items()]
-    try:
-        ctx.run(num_batches=1)
-    finally:
-        for h in handles:
-            h.remove()
-    stages: list[list[str]] = []
-    for name, x in first_input.items():  # dict order = call order
-        for stage in stages:
-            if first_input[stage[0]] is x:
-                stage.append(name)
-                break
-        else:
-            stages.append([name])
-    # A target the batch never reached (none in a plain decoder layer) still gets quantized, last.
-    stages += [[n] for n in ctx.targets if n not in first_input]
-    return stages
-
-
 def _hessians(ctx, names: list[str]) -> dict[str, torch.Tensor]:
-    """Each named target's input Hessian over one pass of every calibration batch."""
+    """Each named target's input Hessian over one pass of every calibration batch, which stops where the
+    last of them has run."""
     acc: dict[str, list] = {name: [None, 0] for name in names}
 
     def hook(_module, args, _out, name):
@@ -322,7 +293,7 @@ def _hessians(ctx, names: list[str]) -> dict[str, torch.Tensor]:
 
     handles = [ctx.targets[n].register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
     try:
-        ctx.run()
+        ctx.run(until=names)
     finally:
         for h in handles:
             h.remove()
@@ -338,7 +309,7 @@ def _split_rows(qt: formats.QTensor, sizes: list[int]) -> list[formats.QTensor]:
 
 def apply(ctx, params: GPTQParams) -> dict[str, formats.QTensor]:
     """Pipeline adapter: accumulate each stage's input Hessian over the calibration batches, then run
-    GPTQ on the stage's Linears.
+    GPTQ on the stage's Linears (stages: ``LayerContext.stages``, in execution order).
 
     Linears with one input (q/k/v; gate/up) share one Hessian, and those with the same per-row weight
     scheme are rounded in one call on their stacked rows: GPTQ treats rows independently, so this
@@ -350,7 +321,7 @@ def apply(ctx, params: GPTQParams) -> dict[str, formats.QTensor]:
     Returns:
         local Linear name -> QTensor.
     """
-    stages = _execution_stages(ctx)
+    stages = ctx.stages
     global_amax = {name: ctx.global_amax(name) for name in ctx.targets}  # before any weight is overwritten
     hessians = {} if params.true_sequential else _hessians(ctx, [stage[0] for stage in stages])
     out = {}

@@ -252,21 +252,25 @@ def _branchy_context(batches: list[torch.Tensor]):
     from quantlab.recipe.schema import SchemeGroup
 
     layer = _Branchy()
-
-    def run(num_batches=None):
-        with torch.no_grad():
-            return [layer(x) for x in batches[:num_batches]]
-
     group = SchemeGroup(targets=("Linear",), weights=SCHEMES["int4_g32"])
     targets = {n: layer.get_submodule(n) for n in ("a", "c", "b")}
-    return LayerContext("toy", layer, targets, {n: group for n in targets}, [], run, sum(x.shape[0] for x in batches))
+    ctx = LayerContext("toy", layer, targets, {n: group for n in targets}, [], list(batches), [{} for _ in batches])
+    ctx.run_and_trace()
+    return ctx
 
 
 def test_execution_stages_group_linears_by_shared_input_in_call_order():
-    from quantlab.algorithms.gptq import _execution_stages
-
     ctx = _branchy_context([torch.randn(16, 64)])
-    assert _execution_stages(ctx) == [["a", "c"], ["b"]]
+    assert ctx.stages == [["a", "c"], ["b"]]
+
+
+def test_run_until_stops_each_batch_once_the_named_modules_ran():
+    ctx = _branchy_context([torch.randn(16, 64), torch.randn(16, 64)])
+    calls = []
+    handle = ctx.layer.b.register_forward_pre_hook(lambda *_: calls.append("b"))
+    assert ctx.run(until=["a", "c"]) == [] and calls == []
+    assert len(ctx.run()) == 2 and calls == ["b", "b"]
+    handle.remove()
 
 
 def test_true_sequential_takes_later_hessians_from_quantized_earlier_stages():
