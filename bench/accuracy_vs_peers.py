@@ -139,11 +139,12 @@ def worker(name: str, samples_file: str, eval_file: str) -> dict:
     t0 = time.perf_counter()
     result = calibrate(model, recipe, calib, torch.device("cpu"), progress=False)
     seconds = time.perf_counter() - t0
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring, as the peers measure it
     data = json.loads(Path(eval_file).read_text())
     nll = _nll_wide(model, data["wide"])
     return {"ppl": _ppl(model, torch.tensor([data["ids"]])), "ppl_wide": math.exp(sum(nll) / len(nll)), "nll_wide": nll,
             "calib_seconds": round(seconds, 2),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(peak_rss_mib, 1),
             "notes": result.notes[:5]}
 
 

@@ -105,8 +105,8 @@ class LayerContext:
                 handle.remove()
         return outs
 
-    def run_and_trace(self) -> list[torch.Tensor]:
-        """``run()``, also recording ``stages`` from the first batch: targets reading the same input tensor
+    def run_and_trace(self, num_batches: int | None = None) -> list[torch.Tensor]:
+        """``run(num_batches)``, also recording ``stages`` from the first batch: targets reading the same input tensor
         form one stage. Watched rather than taken from a per-architecture list, so any layer the pipeline
         can run is covered; a target the batch never reached still gets a stage, last."""
         first_input: dict[str, torch.Tensor] = {}
@@ -117,7 +117,7 @@ class LayerContext:
         handles = [lin.register_forward_hook(lambda _m, args, _o, n=name: watch(n, args[0]))
                    for name, lin in self.targets.items()]
         try:
-            outs = self.run()
+            outs = self.run(num_batches)
         finally:
             for handle in handles:
                 handle.remove()

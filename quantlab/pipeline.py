@@ -40,7 +40,9 @@ BATCH_SIZE = 8
 
 @dataclass
 class LayerStats:
-    """Per-layer summary: relative MSE of the quantized vs float layer output on the same inputs."""
+    """Per-layer summary: relative MSE of the quantized vs float layer output on the same inputs (the
+    first calibration batch: the float layer runs only on it, which is enough for this estimate and
+    saves most of a pass over the data per layer)."""
 
     name: str
     rel_mse: float
@@ -109,9 +111,9 @@ def _capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.T
 
 
 def _activation_device(hidden: list[torch.Tensor], device: torch.device) -> torch.device:
-    """Where a layer's inputs and outputs wait between passes: on the calibration GPU when the three
-    sets alive at once (inputs, float outputs, quantized outputs) fit in half its free memory, else in
-    host memory. Copying them across PCIe on every pass would otherwise dominate calibration time."""
+    """Where a layer's inputs and outputs wait between passes: on the calibration GPU when three times
+    the inputs (inputs and quantized outputs alive at once, with room to spare) fit in half its free
+    memory, else in host memory. Copying them across PCIe on every pass would otherwise dominate calibration time."""
     if device.type != "cuda":
         return torch.device("cpu")
     need = 3 * sum(h.numel() * h.element_size() for h in hidden)
@@ -168,7 +170,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
 
     Returns:
         Per-layer stats and KV-cache states; the model's targeted Linears are now ``QuantLinear``s.
-        For data-free schemes (RTN, no calibrated ranges) the stats come from the first batch only.
+        The per-layer stats come from the first calibration batch (``LayerStats``).
 
     Raises:
         CalibrationError: NaN/inf in a layer's weights or activations (naming the layer).
@@ -208,7 +210,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
             mappings=layer_mappings(layer, set(schemes)), inputs=hidden, kwargs=kwargs, device=device, keep_on=keep_on,
             fused=fused_shards(layer, set(schemes)),
         )
-        float_out = ctx.run_and_trace()
+        float_out = ctx.run_and_trace(num_batches=1)
         _check_finite(name, "activations", float_out)
         for stage in transforms:
             TRANSFORM_FNS[stage.algorithm](ctx, stage.params)
@@ -228,7 +230,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
         # Reference: the float layer (transforms preserve its function) on the same inputs.
         quant_out = ctx.run()
         _check_finite(name, "quantized outputs", quant_out)
-        num = sum((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out))
+        num = sum((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out))  # zip: first batch
         den = sum(f.float().pow(2).sum() for f in float_out)
         hidden = quant_out
         layer.to("cpu")
