@@ -59,7 +59,8 @@ def _int4(fmt: str, observer: str) -> dict:
     return {"format": fmt, "granularity": "group", "group_size": 64, "observer": observer}
 
 
-# name -> (base recipe, edits to its quantization/stages, llm-compressor scheme or None, what is matched)
+# name -> (base recipe, edits to its quantization/stages, llm-compressor scheme or None). The "-one-pass" GPTQ
+# rows take every Hessian of a layer from one float pass, as llm-compressor does: its settings matched.
 SCHEMES = {
     "fp8-dynamic": ("fp8-dynamic", {}, "FP8_DYNAMIC"),
     "w8a8-smoothquant-gptq": ("w8a8-smoothquant", {}, "W8A8_SQ"),
@@ -71,11 +72,14 @@ SCHEMES = {
     "w4a16-gptq-asym-actorder": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"), "stages": [{"gptq": {"act_order": True}}]}, "W4A16_GPTQ_G64_ASYM_ACTORDER"),
     "w4a16-gptq-asym-actorder-mse": ("w4a16-gptq", {"weights": _int4("int4_asym", "mse")}, None),
     "w4a16-gptq-asym-one-pass": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"),
-                                                 "stages": [{"gptq": {"act_order": False, "true_sequential": False}}]}, None),
+                                                 "stages": [{"gptq": {"act_order": False, "true_sequential": False}}]}, "W4A16_GPTQ_G64_ASYM"),
     "w4a16-gptq-asym-actorder-one-pass": ("w4a16-gptq", {"weights": _int4("int4_asym", "minmax"),
-                                                          "stages": [{"gptq": {"act_order": True, "true_sequential": False}}]}, None),
+                                                          "stages": [{"gptq": {"act_order": True, "true_sequential": False}}]}, "W4A16_GPTQ_G64_ASYM_ACTORDER"),
     "w4a16-awq-asym": ("w4a16-awq", {}, "W4A16_AWQ_G64_ASYM"),
     "w4a16-awq-sym": ("w4a16-awq", {"weights": _int4("int4", "minmax")}, None),
+    # ModelOpt's awq_lite (the INT4_AWQ_G64 row) searches scales only, no clipping.
+    "w4a16-awq-sym-noclip": ("w4a16-awq", {"weights": _int4("int4", "minmax"),
+                                           "stages": [{"awq": {"clip_search": False}}, {"rtn": {}}]}, None),
     "nvfp4a16": ("nvfp4a16", {}, "NVFP4A16"),
     "nvfp4-w4a4": ("nvfp4", {}, "NVFP4"),
     "mxfp4a16": ("mxfp4", {}, "MXFP4A16"),
@@ -99,7 +103,8 @@ def recipe_text(name: str) -> str:
     if "weights" in edits:
         data["quantization"]["schemes"][0]["weights"] = edits["weights"]
     if "stages" in edits:
-        data["stages"] = [s for s in data["stages"] if not ({"gptq", "rtn"} & set(s))] + edits["stages"]
+        replaced = {"gptq", "rtn"} | {algo for stage in edits["stages"] for algo in stage}
+        data["stages"] = [s for s in data["stages"] if not (replaced & set(s))] + edits["stages"]
     if edits.get("kv"):
         data["quantization"]["kv_cache"] = {"format": "fp8_e4m3", "granularity": "tensor"}
     return yaml.safe_dump(data, sort_keys=False)
