@@ -80,6 +80,7 @@ SCHEMES = {
     # ModelOpt's awq_lite (the INT4_AWQ_G64 row) searches scales only, no clipping.
     "w4a16-awq-sym-noclip": ("w4a16-awq", {"weights": _int4("int4", "minmax"),
                                            "stages": [{"awq": {"clip_search": False}}, {"rtn": {}}]}, None),
+    "w4a16-awq-asym-noclip": ("w4a16-awq", {"stages": [{"awq": {"clip_search": False}}, {"rtn": {}}]}, None),
     "nvfp4a16": ("nvfp4a16", {}, "NVFP4A16"),
     "nvfp4-w4a4": ("nvfp4", {}, "NVFP4"),
     "mxfp4a16": ("mxfp4", {}, "MXFP4A16"),
