@@ -113,7 +113,8 @@ def _capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.T
 def _activation_device(hidden: list[torch.Tensor], device: torch.device) -> torch.device:
     """Where a layer's inputs and outputs wait between passes: on the calibration GPU when three times
     the inputs (inputs and quantized outputs alive at once, with room to spare) fit in half its free
-    memory, else in host memory. Copying them across PCIe on every pass would otherwise dominate calibration time."""
+    memory, else in host memory. Copying them across PCIe on every pass would otherwise dominate
+    calibration time."""
     if device.type != "cuda":
         return torch.device("cpu")
     need = 3 * sum(h.numel() * h.element_size() for h in hidden)
@@ -227,10 +228,11 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
             parent_name, _, child = local.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             setattr(parent, child, QuantLinear(qweight, linear.bias, schemes[local].activations, input_amax.get(local), dtype).to(device))
-        # Reference: the float layer (transforms preserve its function) on the same inputs.
         quant_out = ctx.run()
         _check_finite(name, "quantized outputs", quant_out)
-        num = sum((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out))  # zip: first batch
+        # Error against the float layer (transforms preserve its function), which ran on the first batch
+        # only: zip pairs that batch with its quantized output.
+        num = sum((q.float() - f.float()).pow(2).sum() for q, f in zip(quant_out, float_out))
         den = sum(f.float().pow(2).sum() for f in float_out)
         hidden = quant_out
         layer.to("cpu")
