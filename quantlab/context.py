@@ -61,6 +61,7 @@ class LayerContext:
     max_tokens: int = 16384
     stages: list[list[str]] = field(default_factory=list)
     _notes: list[str] = field(default_factory=list)
+    _pinned_global_amax: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -155,13 +156,21 @@ class LayerContext:
     def global_amax(self, name: str) -> torch.Tensor | None:
         """The amax behind target ``name``'s NVFP4 global scale (None for other formats): max|w| over
         the NVFP4 shards of its fused group, so the fused Linear has one global scale, as vLLM needs.
-        Read it before any rounder overwrites weights (GPTQ's true-sequential mode does)."""
+        Read it before any rounder overwrites weights (GPTQ's true-sequential mode does); after
+        ``pin_global_amaxes`` it is the value pinned then."""
         fmt = self.schemes[name].weights.format
         if fmt != "nvfp4":
             return None
+        if name in self._pinned_global_amax:
+            return self._pinned_global_amax[name]
         group = next((g for g in self.fused if name in g), (name,))
         shards = [n for n in group if self.schemes[n].weights.format == fmt]
         return torch.stack([self.targets[n].weight.detach().abs().max().float() for n in shards]).max()
+
+    def pin_global_amaxes(self) -> None:
+        """Freeze ``global_amax`` of every target at the current weights, so that a transform which then
+        clips them (AWQ) leaves the global scales where its search assumed them."""
+        self._pinned_global_amax = {n: a for n in self.targets if (a := self.global_amax(n)) is not None}
 
     def note(self, text: str) -> None:
         """Record a remark for the calibration summary (e.g. GPTQ needed extra damping)."""

@@ -18,7 +18,7 @@ from .. import formats, observers
 from ..recipe.schema import WeightScheme
 from .folding import fold_scales
 
-__all__ = ["AWQParams", "fold_scales", "search_clip", "search_scales"]
+__all__ = ["AWQParams", "clamp_to_ranges", "fold_scales", "search_clip", "search_scales"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,8 @@ def _group_len(w: torch.Tensor, scheme: WeightScheme) -> int:
     return scheme.group_size if scheme.granularity == "group" else w.shape[-1]
 
 
-def _fake_quant(w: torch.Tensor, scheme: WeightScheme, **ranges) -> torch.Tensor:
-    return formats.dequantize(observers.quantize_weight(w, scheme, **ranges))
+def _fake_quant(w: torch.Tensor, scheme: WeightScheme, **kwargs) -> torch.Tensor:
+    return formats.dequantize(observers.quantize_weight(w, scheme, **kwargs))
 
 
 def _weight_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
@@ -129,28 +129,44 @@ def _group_output_error(group_grams: torch.Tensor, diff: torch.Tensor) -> torch.
     return (torch.einsum("ogk,gkl->ogl", dg, group_grams) * dg).sum(-1)
 
 
+def clamp_to_ranges(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """``w`` clamped group-wise to [amin, amax] (ranges shaped like ``observers.minmax`` returns)."""
+    if scheme.granularity == "tensor":
+        return w.clamp(amin.reshape(()), amax.reshape(()))
+    g = _group_len(w, scheme)
+    wg = w.reshape(w.shape[0], -1, g)
+    return torch.clamp(wg, amin.reshape(w.shape[0], -1, 1), amax.reshape(w.shape[0], -1, 1)).reshape(w.shape)
+
+
 @torch.no_grad()
 def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightScheme, params: AWQParams,
-                max_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                max_tokens: int = 512, global_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-scale-entry clipping ranges minimizing each group's output error (AutoAWQ's clip search).
 
     Each group's min-max range is shrunk by ratios ``linspace(1, max_shrink, clip_grid)`` and the ratio
-    with the least ``mean_t (x_g . (w_g - Q(w_g)))^2`` is kept per group (AutoAWQ steps by
-    1/n_grid and stops short of max_shrink; here ``clip_grid`` counts the ratios, as ``AWQParams``
-    says). Ratio 1 is tried first and kept on ties, so no group is worse than min-max on this
-    objective. With tensor granularity there is one range and the error is summed over all groups.
-    nvfp4's global scale stays the full weight's (``observers.quantize_weight``).
+    with the least ``mean_t (x_g . (w_g - Q(c_g)))^2`` is kept per group, where ``c`` is ``w`` clamped
+    to the shrunk range and ``Q`` is the scheme's own rounding (its observer), exactly what ``apply``
+    and the rounder do afterwards, as in AutoAWQ. (Quantizing the unclamped ``w`` with the shrunk
+    range instead would score a different grid for symmetric integers, whose extra negative code
+    reaches ``-(qmax + 1) * scale`` beyond the clamp.) AutoAWQ steps by 1/n_grid and stops short of
+    max_shrink; here ``clip_grid`` counts the ratios, as ``AWQParams`` says. Ratio 1 is tried first
+    and kept on ties, so no group is worse than no clipping on this objective. With tensor
+    granularity there is one range and the error is summed over all groups. nvfp4's global scale is
+    held at ``global_amax`` for every candidate: its FP8 block scales round coarsely, so a global scale
+    that followed the clipping would move every block's rounding and make groups' choices interact.
 
     Args:
         x: [tokens, in] inputs of this linear as it will see them (after any scale folding).
         weight: [out, in], after scale folding.
-        weight_scheme: the scheme it will be rounded with; the ranges found replace its observer.
+        weight_scheme: the scheme it will be rounded with, observer included.
         params: ``clip_grid`` and ``max_shrink`` are used.
         max_tokens: tokens used, taken at an even stride as AutoAWQ does (n_sample_token).
+        global_amax: nvfp4 only: the amax behind the global scale the weight will be rounded with
+            (default max|weight|, before clipping; ``LayerContext.global_amax`` for a fused shard).
 
     Returns:
-        (amin, amax) float32, shaped like ``observers.minmax``'s output, ready for
-        ``observers.quantize_weight(weight, scheme, amin=, amax=)``. Symmetric formats get amin = -amax.
+        (amin, amax) float32, shaped like ``observers.minmax``'s output: the per-group range to clamp the
+        weight to (``clamp_to_ranges``) before rounding. Symmetric formats get amin = -amax.
     """
     w = weight.detach().float()
     x = x.detach().float().reshape(-1, x.shape[-1])
@@ -162,10 +178,11 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightSche
     if formats.get_spec(weight_scheme.format).symmetric:
         hi = torch.maximum(lo.abs(), hi.abs())
         lo = -hi
+    fixed = {"global_amax": w.abs().max() if global_amax is None else global_amax} if weight_scheme.format == "nvfp4" else {}
     best_lo, best_hi = lo.clone(), hi.clone()
     best_err = torch.full_like(hi, float("inf"))
     for ratio in torch.linspace(1.0, params.max_shrink, max(1, params.clip_grid)).tolist():
-        diff = w - _fake_quant(w, weight_scheme, amin=lo * ratio, amax=hi * ratio)
+        diff = w - _fake_quant(clamp_to_ranges(w, weight_scheme, lo * ratio, hi * ratio), weight_scheme, **fixed)
         err = _group_output_error(group_grams, diff)
         err = err.sum().reshape(1) if weight_scheme.granularity == "tensor" else err.reshape(hi.shape)
         better = err < best_err
@@ -179,19 +196,10 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightSche
 _NO_CLIP = ("q_proj", "k_proj")
 
 
-def _clamp_to_ranges(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """``w`` clamped group-wise to [amin, amax] (ranges shaped like ``observers.minmax`` returns)."""
-    if scheme.granularity == "tensor":
-        return w.clamp(amin.reshape(()), amax.reshape(()))
-    g = _group_len(w, scheme)
-    wg = w.reshape(w.shape[0], -1, g)
-    return torch.clamp(wg, amin.reshape(w.shape[0], -1, 1), amax.reshape(w.shape[0], -1, 1)).reshape(w.shape)
-
-
 def apply(ctx, params: AWQParams) -> None:
     """Pipeline adapter: search and fold activation-aware scales for each foldable group of the layer,
-    then (``clip_search``) clamp each Linear's weights to its searched per-group range, so the rounder's
-    min-max observer sees the clipped range."""
+    then (``clip_search``) clamp each Linear's weights to its searched per-group range, which is what the
+    rounder then rounds."""
     inputs = ctx.capture_inputs([m.linears[0] for m in ctx.mappings])
     for m in ctx.mappings:
         linears = [ctx.targets[n] for n in m.linears]
@@ -202,8 +210,9 @@ def apply(ctx, params: AWQParams) -> None:
         return
     names = [n for n in ctx.targets if not n.endswith(_NO_CLIP)]
     inputs = ctx.capture_inputs(names)  # after folding: the scaled inputs the quantized weights will see
+    ctx.pin_global_amaxes()
     for n in names:
         lin, scheme = ctx.targets[n], ctx.schemes[n].weights
         w = lin.weight.detach().float()
-        amin, amax = search_clip(inputs[n], w, scheme, params)
-        lin.weight.data.copy_(_clamp_to_ranges(w, scheme, amin, amax).to(lin.weight.dtype))
+        amin, amax = search_clip(inputs[n], w, scheme, params, global_amax=ctx.global_amax(n))
+        lin.weight.data.copy_(clamp_to_ranges(w, scheme, amin, amax).to(lin.weight.dtype))
