@@ -8,6 +8,8 @@ outputs), the checkpoint reader rebuilds them from a checkpoint, and evaluation 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,9 +36,13 @@ def activation_kwargs(act: ActivationScheme, input_amax: torch.Tensor | None) ->
 class QuantLinear(nn.Module):
     """A Linear computing ``F.linear(Q_act(x), dequant(W_q), b)``.
 
+    Only the codes and scales are held; the weight is decoded on every forward. A dense copy beside the
+    codes would cost 2-4 bytes per weight for the whole model while calibration moves layer by layer and
+    evaluation runs, against the codes' one byte.
+
     Attributes:
-        qweight: the quantized weight (codes and scales) exactly as the checkpoint stores it.
-        weight: its dequantized value in the compute dtype (a buffer: nothing here trains).
+        qweight: the quantized weight (codes and scales) exactly as the checkpoint stores it. ``to()``
+            moves it to another device but never changes its dtypes.
         act: the input-activation scheme, or None for weight-only.
         input_amax: calibrated input range (float32 scalar) for static per-tensor activations and for
             nvfp4's activation global scale; None otherwise.
@@ -48,9 +54,25 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.qweight = qweight
         self.act = act
-        self.register_buffer("weight", formats.dequantize(qweight, dtype))
+        # Follows .to() like any buffer, so it carries the device and compute dtype the weight decodes to.
+        self.register_buffer("_compute", torch.empty(0, dtype=dtype, device=qweight.codes.device), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.register_buffer("input_amax", None if input_amax is None else input_amax.detach().float().reshape(1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the compute dtype (decoded on each access)."""
+        return formats.dequantize(self.qweight, self._compute.dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self._compute.device
+        q = self.qweight
+        self.qweight = dataclasses.replace(
+            q, codes=q.codes.to(device), scale=q.scale.to(device),
+            zero_point=None if q.zero_point is None else q.zero_point.to(device),
+            global_scale=None if q.global_scale is None else q.global_scale.to(device))
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
