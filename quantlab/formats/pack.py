@@ -30,28 +30,27 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+# A pack_int32 word holds four pack_nibbles bytes, least significant first: element 8j+k sits
+# in byte k // 2 of word j, low nibble when k is even. On a little-endian machine (every platform torch
+# runs on) that is exactly pack_nibbles' byte stream viewed as int32, so both directions are a nibble
+# (un)pack plus a free reinterpretation.
+
+
 def pack_int32(codes: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Pack a 2-D int8 tensor of int4 codes (-8..7) eight per int32 along ``dim`` (multiple of 8)."""
     if codes.ndim != 2 or codes.shape[dim] % 8:
         raise FormatError(f"pack_int32 needs a 2-D tensor whose dim {dim} is a multiple of 8 (got {tuple(codes.shape)})")
-    values = codes.to(torch.int64) + 8
+    values = (codes.to(torch.int16) + 8).to(torch.uint8)
     if dim == 0:
         values = values.t()
-    rows, cols = values.shape
-    values = values.reshape(rows, cols // 8, 8)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
-    words = (values << shifts).sum(-1)
-    # Reinterpret the unsigned 32-bit pattern as int32 (two's complement).
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    # Viewed flat: a view to a wider dtype also checks the strides of size-1 dimensions.
+    words = pack_nibbles(values).reshape(-1).view(torch.int32).reshape(values.shape[0], -1)
     return words.t().contiguous() if dim == 0 else words
 
 
 def unpack_int32(words: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Inverse of ``pack_int32``: int32 words -> int8 codes in -8..7."""
-    values = words.to(torch.int64) & 0xFFFFFFFF
     if dim == 0:
-        values = values.t()
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=words.device)
-    codes = ((values.unsqueeze(-1) >> shifts) & 0xF).flatten(-2) - 8
-    codes = codes.to(torch.int8)
+        words = words.t()
+    codes = unpack_nibbles(words.reshape(-1).view(torch.uint8)).to(torch.int8).reshape(words.shape[0], -1) - 8
     return codes.t().contiguous() if dim == 0 else codes
