@@ -131,6 +131,7 @@ def worker(name: str, samples_file: str, eval_file: str) -> dict:
     import torch
 
     from quantlab.data import CalibrationSet, digest
+    from quantlab.fake_quant import decoded_weights
     from quantlab.models import load_model
     from quantlab.pipeline import calibrate
     from quantlab.recipe import load_recipe
@@ -147,8 +148,10 @@ def worker(name: str, samples_file: str, eval_file: str) -> dict:
     seconds = time.perf_counter() - t0
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before scoring, as the peers measure it
     data = json.loads(Path(eval_file).read_text())
-    nll = _nll_wide(model, data["wide"])
-    return {"ppl": _ppl(model, torch.tensor([data["ids"]])), "ppl_wide": math.exp(sum(nll) / len(nll)), "nll_wide": nll,
+    with decoded_weights(model):
+        nll = _nll_wide(model, data["wide"])
+        ppl = _ppl(model, torch.tensor([data["ids"]]))
+    return {"ppl": ppl, "ppl_wide": math.exp(sum(nll) / len(nll)), "nll_wide": nll,
             "calib_seconds": round(seconds, 2),
             "peak_rss_mib": round(peak_rss_mib, 1),
             "notes": result.notes[:5]}

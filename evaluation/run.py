@@ -12,6 +12,7 @@ take model objects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -27,6 +28,7 @@ from quantlab import __version__
 from quantlab.checkpoint.reader import load_quantized, shard_files
 from quantlab.data import resolve_data_path
 from quantlab.errors import CheckpointError, QuantlabError, RecipeError
+from quantlab.fake_quant import decoded_weights
 from quantlab.models import DEFAULT_MODEL, default_device, load_model
 from quantlab.recipe.schema import EvalConfig, Recipe
 
@@ -187,9 +189,10 @@ def run_eval(checkpoint: str, output: str | None = None, recipe_path: str | None
     base_model.to(dev)
     quant_model, _, _ = load_quantized(ckpt, torch.float32, dev)
     tokens = load_eval_tokens(ev.dataset, tokenizer, ev.max_tokens)
-    scores = score(base_model, {"quantized": quant_model}, tokens, ev.context_len, ev.stride, batch_size, progress)
+    with decoded_weights(quant_model):
+        scores = score(base_model, {"quantized": quant_model}, tokens, ev.context_len, ev.stride, batch_size, progress)
+        quant_tasks = run_tasks(quant_model, tokenizer, ev.tasks, ev.limit, ev.seed, batch_size)
     base_tasks = run_tasks(base_model, tokenizer, ev.tasks, ev.limit, ev.seed, batch_size)
-    quant_tasks = run_tasks(quant_model, tokenizer, ev.tasks, ev.limit, ev.seed, batch_size)
 
     q = scores["quantized"]
     verdicts = check_gates(Metrics(scores[ORIGINAL].perplexity, tasks=base_tasks),
@@ -257,14 +260,18 @@ def run_compare(checkpoints: list[str], output: str | None = None, original: str
     base_model.to(dev)
     models = {n: load_quantized(p, torch.float32, dev)[0] for n, p in zip(names, paths)}
     tokens = load_eval_tokens(ev.dataset, tokenizer, ev.max_tokens)
-    scores = score(base_model, models, tokens, ev.context_len, ev.stride, batch_size, progress)
+    with contextlib.ExitStack() as stack:
+        for m in models.values():
+            stack.enter_context(decoded_weights(m))
+        scores = score(base_model, models, tokens, ev.context_len, ev.stride, batch_size, progress)
     base_tasks = run_tasks(base_model, tokenizer, ev.tasks, ev.limit, ev.seed, batch_size)
     base = Metrics(scores[ORIGINAL].perplexity, tasks=base_tasks)
 
     entries = []
     for n, p, prov, r in zip(names, paths, provs, recipes):
         s = scores[n]
-        qt = run_tasks(models[n], tokenizer, ev.tasks, ev.limit, ev.seed, batch_size)
+        with decoded_weights(models[n]):
+            qt = run_tasks(models[n], tokenizer, ev.tasks, ev.limit, ev.seed, batch_size)
         verdicts = check_gates(base, Metrics(s.perplexity, s.kl, s.top1_agreement, qt), r.eval.gates)
         entries.append({"name": n, "path": str(p), "bytes": checkpoint_bytes(p), **_ppl(s), "kl": s.kl,
                         "top1_agreement": s.top1_agreement, "tasks": qt, "task_recovery_pct": task_recovery(base_tasks, qt),

@@ -8,6 +8,7 @@ outputs), the checkpoint reader rebuilds them from a checkpoint, and evaluation 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -36,9 +37,9 @@ def activation_kwargs(act: ActivationScheme, input_amax: torch.Tensor | None) ->
 class QuantLinear(nn.Module):
     """A Linear computing ``F.linear(Q_act(x), dequant(W_q), b)``.
 
-    Only the codes and scales are held; the weight is decoded on every forward. A dense copy beside the
-    codes would cost 2-4 bytes per weight for the whole model while calibration moves layer by layer and
-    evaluation runs, against the codes' one byte.
+    Only the codes and scales are held, and the weight is decoded on every forward, except inside
+    ``decoded_weights``: a dense copy kept beside the codes would cost 2-4 bytes per weight for the
+    whole model while calibration moves on layer by layer, against the codes' one byte.
 
     Attributes:
         qweight: the quantized weight (codes and scales) exactly as the checkpoint stores it. ``to()``
@@ -58,14 +59,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("_compute", torch.empty(0, dtype=dtype, device=qweight.codes.device), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         self.register_buffer("input_amax", None if input_amax is None else input_amax.detach().float().reshape(1))
+        self._decoded: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight in the compute dtype (decoded on each access)."""
+        """The dequantized weight in the compute dtype (decoded on each access outside ``decoded_weights``)."""
+        if self._decoded is not None:
+            return self._decoded
         return formats.dequantize(self.qweight, self._compute.dtype)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if self._decoded is not None:
+            self._decoded = fn(self._decoded)
         device = self._compute.device
         q = self.qweight
         self.qweight = dataclasses.replace(
@@ -82,6 +88,23 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         act = "none" if self.act is None else f"{self.act.format}/{self.act.granularity}"
         return f"in={self.in_features}, out={self.out_features}, weight={self.qweight.fmt}, act={act}"
+
+
+@contextlib.contextmanager
+def decoded_weights(module: nn.Module):
+    """Within the block, every ``QuantLinear`` under ``module`` reuses one decoded copy of its weight.
+
+    For repeated forwards (a layer's passes over the calibration batches, evaluation): decoding NVFP4
+    weights costs about as much as the matmul on the CPU. The copies are dropped on exit.
+    """
+    linears = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    for m in linears:
+        m._decoded = m.weight
+    try:
+        yield module
+    finally:
+        for m in linears:
+            m._decoded = None
 
 
 # --- FP8 KV cache ------------------------------------------------------------------------------------

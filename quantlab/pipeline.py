@@ -24,7 +24,7 @@ from .algorithms import awq, gptq, rtn, smoothquant
 from .context import LayerContext, to_device
 from .data import CalibrationSet
 from .errors import CalibrationError, QuantlabError
-from .fake_quant import KVCacheQuant, QuantLinear, enable_kv_quant
+from .fake_quant import KVCacheQuant, QuantLinear, decoded_weights, enable_kv_quant
 from .mappings import fused_shards, layer_mappings
 from .models import decoder_layers
 from .observers import quantize_weight
@@ -228,7 +228,8 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
             parent_name, _, child = local.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             setattr(parent, child, QuantLinear(qweight, linear.bias, schemes[local].activations, input_amax.get(local), dtype).to(device))
-        quant_out = ctx.run()
+        with decoded_weights(layer):
+            quant_out = ctx.run()
         _check_finite(name, "quantized outputs", quant_out)
         # Error against the float layer (transforms preserve its function), which ran on the first batch
         # only: zip pairs that batch with its quantized output.
