@@ -11,6 +11,7 @@ projection to all 32 layers, and peak GPU memory, which should stay near one lay
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
 
@@ -77,7 +78,7 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         per_layer = [s.seconds for s in result.layers]
-        results["runs"][name] = {"seconds": seconds, "seconds_per_layer": per_layer,
+        results["runs"][name] = {"date": datetime.date.today().isoformat(), "seconds": seconds, "seconds_per_layer": per_layer,
                                  "projected_32_layers_min": sum(per_layer[1:]) / max(1, len(per_layer) - 1) * 32 / 60,
                                  "peak_gpu_mib": result.peak_mem_mib,
                                  "rel_mse": [s.rel_mse for s in result.layers]}

@@ -69,6 +69,8 @@ class QuantLinear(nn.Module):
         return formats.dequantize(self.qweight, self._compute.dtype)
 
     def _apply(self, fn, recurse=True):
+        # The codes and scales are not buffers, so .to(dtype) cannot re-round them (a bf16 scale cast to
+        # fp16 would change); they follow device moves only.
         super()._apply(fn, recurse)
         if self._decoded is not None:
             self._decoded = fn(self._decoded)
@@ -94,8 +96,8 @@ class QuantLinear(nn.Module):
 def decoded_weights(module: nn.Module):
     """Within the block, every ``QuantLinear`` under ``module`` reuses one decoded copy of its weight.
 
-    For repeated forwards (a layer's passes over the calibration batches, evaluation): decoding NVFP4
-    weights costs about as much as the matmul on the CPU. The copies are dropped on exit.
+    For repeated forwards (a layer's pass over the calibration batches, evaluation), where decoding on
+    every forward would add up (NVFP4's table lookups most). The copies are dropped on exit.
     """
     linears = [m for m in module.modules() if isinstance(m, QuantLinear)]
     for m in linears:
