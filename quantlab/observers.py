@@ -67,6 +67,13 @@ def _mse(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Ten
 OBSERVERS = {"minmax": minmax, "percentile": _percentile, "mse": _mse}
 
 
+def clamp_to_ranges(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """``w`` clamped to per-scale-entry ranges shaped as the observers return them (a clipping that the
+    rounder's own observer then sees)."""
+    g = _grouped(w, scheme)
+    return torch.clamp(g, amin.unsqueeze(-1), amax.unsqueeze(-1)).reshape(w.shape)
+
+
 def weight_range(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """(amin, amax) per scale entry of ``w`` under ``scheme``, chosen by the scheme's observer."""
     return OBSERVERS[scheme.observer](w, scheme)

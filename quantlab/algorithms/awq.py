@@ -18,7 +18,7 @@ from .. import formats, observers
 from ..recipe.schema import WeightScheme
 from .folding import fold_scales
 
-__all__ = ["AWQParams", "clamp_to_ranges", "fold_scales", "search_clip", "search_scales"]
+__all__ = ["AWQParams", "fold_scales", "search_clip", "search_scales"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +129,6 @@ def _group_output_error(group_grams: torch.Tensor, diff: torch.Tensor) -> torch.
     return (torch.einsum("ogk,gkl->ogl", dg, group_grams) * dg).sum(-1)
 
 
-def clamp_to_ranges(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """``w`` clamped group-wise to [amin, amax] (ranges shaped like ``observers.minmax`` returns)."""
-    if scheme.granularity == "tensor":
-        return w.clamp(amin.reshape(()), amax.reshape(()))
-    g = _group_len(w, scheme)
-    wg = w.reshape(w.shape[0], -1, g)
-    return torch.clamp(wg, amin.reshape(w.shape[0], -1, 1), amax.reshape(w.shape[0], -1, 1)).reshape(w.shape)
-
-
 @torch.no_grad()
 def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightScheme, params: AWQParams,
                 max_tokens: int = 512, global_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +157,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightSche
 
     Returns:
         (amin, amax) float32, shaped like ``observers.minmax``'s output: the per-group range to clamp the
-        weight to (``clamp_to_ranges``) before rounding. Symmetric formats get amin = -amax.
+        weight to (``observers.clamp_to_ranges``) before rounding. Symmetric formats get amin = -amax.
     """
     w = weight.detach().float()
     x = x.detach().float().reshape(-1, x.shape[-1])
@@ -182,7 +173,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightSche
     best_lo, best_hi = lo.clone(), hi.clone()
     best_err = torch.full_like(hi, float("inf"))
     for ratio in torch.linspace(1.0, params.max_shrink, max(1, params.clip_grid)).tolist():
-        diff = w - _fake_quant(clamp_to_ranges(w, weight_scheme, lo * ratio, hi * ratio), weight_scheme, **fixed)
+        diff = w - _fake_quant(observers.clamp_to_ranges(w, weight_scheme, lo * ratio, hi * ratio), weight_scheme, **fixed)
         err = _group_output_error(group_grams, diff)
         err = err.sum().reshape(1) if weight_scheme.granularity == "tensor" else err.reshape(hi.shape)
         better = err < best_err
@@ -215,4 +206,4 @@ def apply(ctx, params: AWQParams) -> None:
         lin, scheme = ctx.targets[n], ctx.schemes[n].weights
         w = lin.weight.detach().float()
         amin, amax = search_clip(inputs[n], w, scheme, params, global_amax=ctx.global_amax(n))
-        lin.weight.data.copy_(clamp_to_ranges(w, scheme, amin, amax).to(lin.weight.dtype))
+        lin.weight.data.copy_(observers.clamp_to_ranges(w, scheme, amin, amax).to(lin.weight.dtype))
