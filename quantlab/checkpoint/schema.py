@@ -284,9 +284,8 @@ def _preimage(forward, target: torch.Tensor, guess: torch.Tensor, steps: int = 4
     return result
 
 
-def decompress_linear(name: str, tensors: dict[str, torch.Tensor],
-                      scheme: dict) -> tuple[formats.QTensor, ActivationScheme | None, torch.Tensor | None]:
-    """Inverse of ``compress_linear``: (QTensor, activation scheme, input_amax) of one module.
+def decompress_weight(name: str, tensors: dict[str, torch.Tensor], scheme: dict) -> formats.QTensor:
+    """The QTensor a module's stored weight tensors hold (inverse of ``compress_linear``'s weight part).
 
     Args:
         name: the module's name (for messages).
@@ -312,7 +311,19 @@ def decompress_linear(name: str, tensors: dict[str, torch.Tensor],
             codes = tensors["weight"]
     except KeyError as e:
         raise CheckpointError(f"{name} is quantized as {fmt} but has no tensor {name}.{e.args[0]}") from None
-    q = formats.QTensor(fmt, codes, scale, zp, gs, group_size, per_tensor)
+    return formats.QTensor(fmt, codes, scale, zp, gs, group_size, per_tensor)
+
+
+def decompress_linear(name: str, tensors: dict[str, torch.Tensor],
+                      scheme: dict) -> tuple[formats.QTensor, ActivationScheme | None, torch.Tensor | None]:
+    """Inverse of ``compress_linear``: (QTensor, activation scheme, input_amax) of one module.
+
+    Args:
+        name: the module's name (for messages).
+        tensors: the module's stored tensors by local name.
+        scheme: its ``config_groups`` entry.
+    """
+    q = decompress_weight(name, tensors, scheme)
     act = activation_scheme(scheme.get("input_activations"))
     input_amax = None
     if act is not None and "input_global_scale" in tensors:

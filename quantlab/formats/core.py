@@ -85,6 +85,7 @@ def quantize(
     amax: torch.Tensor | None = None,
     amin: torch.Tensor | None = None,
     global_amax: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
     check_finite: bool = True,
 ) -> QTensor:
     """Quantize ``x`` to ``fmt``.
@@ -99,6 +100,8 @@ def quantize(
             use max(|amin|, |amax|); ``amin`` defaults to ``-amax``.
         global_amax: nvfp4 only: the tensor-wide absolute maximum behind the global scale
             (a calibrated value for static activation global scales); default ``x``'s.
+        global_scale: nvfp4 only: the global scale itself, as a checkpoint stores it
+            (``input_global_scale``); takes precedence over ``global_amax``.
         check_finite: reject NaN/inf input. The check synchronizes with the GPU, so callers that
             quantize many slices of an already checked tensor (GPTQ's columns) turn it off.
 
@@ -121,7 +124,7 @@ def quantize(
     else:
         hi = amax.float().expand(xg.shape[:-1]) if amax.numel() > 1 else amax.float().reshape(1).expand(xg.shape[:-1])
         lo = -hi if amin is None else (amin.float().expand(xg.shape[:-1]) if amin.numel() > 1 else amin.float().reshape(1).expand(xg.shape[:-1]))
-    qp = qparams(fmt, lo.unsqueeze(-1), hi.unsqueeze(-1), global_amax)
+    qp = qparams(fmt, lo.unsqueeze(-1), hi.unsqueeze(-1), global_amax, global_scale)
     codes = _encode(xg, qp, spec)
     return QTensor(
         fmt=fmt,
@@ -144,12 +147,13 @@ class QParams:
     global_scale: torch.Tensor | None = None
 
 
-def qparams(fmt: str, amin: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None = None) -> QParams:
+def qparams(fmt: str, amin: torch.Tensor, amax: torch.Tensor, global_amax: torch.Tensor | None = None,
+            global_scale: torch.Tensor | None = None) -> QParams:
     """Scales (in their storage dtype) for ranges ``[amin, amax]`` of any shape.
 
     ``quantize`` uses this per group; GPTQ computes a group's parameters once and then rounds column by
     column with ``fake_quantize``. nvfp4's global scale comes from ``global_amax``, default the largest
-    |range| given.
+    |range| given, unless ``global_scale`` gives the stored scale itself.
     """
     spec = get_spec(fmt)
     if spec.family == "int":
@@ -159,7 +163,9 @@ def qparams(fmt: str, amin: torch.Tensor, amax: torch.Tensor, global_amax: torch
         return QParams(fmt, fp8.qparams(amin, amax, spec))
     amax_abs = torch.maximum(amin.abs(), amax.abs())
     if spec.name == "nvfp4":
-        global_scale = fp4.nvfp4_global_scale(amax_abs.max() if global_amax is None else global_amax)
+        if global_scale is None:
+            global_scale = fp4.nvfp4_global_scale(amax_abs.max() if global_amax is None else global_amax)
+        global_scale = global_scale.float().reshape(1)
         return QParams(fmt, fp4.nvfp4_block_scale(amax_abs, global_scale), None, global_scale)
     return QParams(fmt, fp4.mxfp4_block_scale(amax_abs))
 

@@ -1,0 +1,11 @@
+"""GPU kernels of the engine, each beside the plain PyTorch reference that the CPU and the tests run.
+
+One file per kernel family: the reference first (built from ``quantlab.formats`` calls and plain torch
+ops), the Triton kernel second, and a public function that takes the Triton path on CUDA and the reference
+elsewhere. Element numerics are never rewritten here: they come from ``quantlab.formats``.
+
+- ``linear``: every linear layer the engine runs (BF16, W4A16 INT4/NVFP4/MXFP4, W8A8 FP8/INT8), with the
+  build-time ``pack`` that lays weights out for its kernel and the run-time ``apply``.
+- ``attention``: the KV-cache write and attention over the paged KV cache (prefill and decode).
+- ``norm``, ``rope``, ``activation``: RMSNorm (+ residual), rotary embedding, SwiGLU.
+"""
