@@ -15,20 +15,16 @@ from pathlib import Path
 from quantlab.errors import QuantlabError
 
 from .kernels.linear import LinearSpec
+from .scheduler import POLICIES
 
 ENGINE_JSON = "engine.json"
 ENGINE_FORMAT_VERSION = 1
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3")
 DTYPES = ("bfloat16", "float16", "float32")
-POLICIES = ("guaranteed_no_evict", "max_utilization")
 
 
 class EngineError(QuantlabError):
     """An engine directory is missing, altered, or built for another machine (one sentence, exit 2)."""
-
-
-class EngineRequestError(QuantlabError):
-    """A request the engine cannot serve (empty prompt, prompt over the engine's limits)."""
 
 
 @dataclass(frozen=True)
