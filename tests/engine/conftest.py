@@ -6,30 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.recipe.schema import BuildOptions
-
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<assistant>"
-
-
-def save_tiny(path, seed: int = 0, **overrides):
-    """A tiny random Llama-family model + tokenizer saved as an HF directory; returns the model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=True,
-              bos_token_id=None, eos_token_id=1)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
-    model.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(256)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    return model
+from engine_helpers import build, save_tiny
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +19,38 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model, tmp_path_factory):
     """A float32 engine of the tiny Llama (exact comparisons with transformers)."""
-    from quantlab.engine.builder import build_engine
-
     out = tmp_path_factory.mktemp("engines") / "tiny-f32"
-    build_engine(str(tiny_model[0]), out, BuildOptions(max_batch_size=8, max_seq_len=128, max_num_tokens=64,
-                                                       tokens_per_block=4, dtype="float32", device="cpu"))
+    build(tiny_model[0], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tiny_model, tmp_path_factory):
+    """make_checkpoint(groups, kv=None) -> path of an RTN-calibrated checkpoint of the tiny Llama (as
+    tests/checkpoint/conftest.py makes them), cached per scheme list."""
+    from quantlab.algorithms import RTNParams
+    from quantlab.checkpoint.writer import write_checkpoint
+    from quantlab.data import CalibrationSet, digest
+    from quantlab.models import load_model
+    from quantlab.pipeline import calibrate
+    from quantlab.recipe.schema import CalibrationConfig, Recipe, Stage
+
+    made = {}
+
+    def run(groups, kv=None, ignore=("lm_head",)):
+        key = repr((groups, kv, ignore))
+        if key not in made:
+            model, tokenizer = load_model(str(tiny_model[0]))
+            recipe = Recipe(path="tests/tiny.yaml", text="# tiny\n", sha256="0" * 64, model=str(tiny_model[0]),
+                            output="unused", calibration=CalibrationConfig(num_samples=4, seq_len=16, seed=0),
+                            schemes=tuple(groups), stages=(Stage("rtn", RTNParams()),), ignore=ignore, kv_cache=kv,
+                            export_dtype="float32")
+            ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+            calib = CalibrationSet(ids, "test", digest(ids))
+            result = calibrate(model, recipe, calib, torch.device("cpu"), progress=False)
+            out = tmp_path_factory.mktemp("ckpt") / "ckpt"
+            made[key] = write_checkpoint(model, tokenizer, recipe, calib, result, out).path
+        return made[key]
+
+    return run
+
