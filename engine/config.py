@@ -140,7 +140,7 @@ class RuntimeOptions:
     """
 
     kv_cache_memory_fraction: float = 0.9
-    cpu_kv_cache_mib: int = 64
+    cpu_kv_cache_mib: float = 64
     enforce_eager: bool = False
     policy: str = "guaranteed_no_evict"
     enable_prefix_caching: bool = True

@@ -97,7 +97,7 @@ class ModelRunner:
         after the weights and the activation peak of a dummy forward of ``max_num_tokens`` tokens."""
         most = self.limits.max_batch_size * self.max_blocks
         if self.device.type == "cpu":
-            budget = self.options.cpu_kv_cache_mib << 20
+            budget = int(self.options.cpu_kv_cache_mib * (1 << 20))
         else:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
