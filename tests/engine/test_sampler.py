@@ -35,10 +35,13 @@ def test_torch_hash_equals_the_exact_32_bit_integer_hash():
     assert _mix32(torch.tensor(values)).tolist() == [lowbias32(v) for v in values]
 
 
-def test_greedy_is_argmax_whatever_the_other_settings():
+def test_greedy_is_argmax_whatever_the_other_settings_and_rows():
     logits = torch.randn(6, V, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=0, top_k=3, top_p=0.5, min_p=0.3, seed=i) for i in range(6)]
     assert torch.equal(sample(logits, tensors(params)).token_ids, logits.argmax(-1))
+    mixed = [p if i % 2 else SamplingParams(temperature=5.0, seed=i) for i, p in enumerate(params)]
+    ids = sample(logits, tensors(mixed)).token_ids
+    assert torch.equal(ids[1::2], logits.argmax(-1)[1::2]) and not torch.equal(ids, logits.argmax(-1))
 
 
 def test_seeded_draw_depends_on_seed_and_position_not_on_batch_row_or_call():
