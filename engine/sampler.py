@@ -30,7 +30,8 @@ class SamplingTensors:
     Attributes:
         temperature: [B] float32; 0 = greedy.
         top_k: [B] int64; V when off.        top_p, min_p: [B] float32; 1.0 / 0.0 when off.
-        seeds: [B, 2] int64, the seed's low and high 32 bits.
+        seeds: [B, 2] int64, the low and high 32 bits of the seed (mod 2**64); a fresh random one per
+            step for unseeded rows.
         positions: [B] int64, index of the token being drawn (part of the noise's key).
         repetition_penalty, presence_penalty, frequency_penalty: [B] float32, or all None when no row
             uses a penalty.
@@ -62,7 +63,10 @@ class SamplingTensors:
     def from_seqs(cls, seqs: list[Sequence], vocab_size: int, device: torch.device | str) -> SamplingTensors:
         """Gather the batch's SamplingParams; the draw's position is each sequence's current length."""
         params = [s.params for s in seqs]
-        row = lambda values, dtype: torch.tensor(values, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
+
+        def row(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
         seeds = [p.seed if p.seed is not None else _entropy.getrandbits(64) for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         penalized = any(p.has_penalties for p in params)
