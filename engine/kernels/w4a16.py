@@ -1,0 +1,255 @@
+"""W4A16: 4-bit weights (INT4 sym/asym, NVFP4, MXFP4) times 16-bit activations, one Triton family.
+
+Build-time layout (``pack_w4``), chosen so the kernel reads every weight byte once, coalesced along N:
+- ``qweight`` int32 [K/8, N]: word (r, n) holds the 4-bit codes of weights (8r .. 8r+7, n), element 8r+j in
+  bits 4j..4j+3 (``formats.pack``'s nibble order along K, then transposed). INT4 codes are stored +8
+  (0..15, as ``pack_int32``), E2M1 codes as they are (sign in bit 3).
+- ``scales`` [K/group, N] in the checkpoint's scale dtype (bf16 for INT4, E4M3 for NVFP4, E8M0 uint8 for
+  MXFP4): the transpose of the stored scales, so a K-tile's scales are one contiguous row per group.
+- ``zeros`` int8 [K/group, N] (INT4 asym only): the transposed zero points.
+- ``global_scale`` float32 [1] (NVFP4 only): divides the accumulator once (it is per tensor).
+
+Kernel: ``y[m, n] = sum_k x[m, k] * w[k, n]`` with ``w`` dequantized per K-tile in registers and fed to
+``tl.dot`` in ``x``'s dtype. Small M (decode) uses BLOCK_M=16 with split-K (partials in float32, summed
+by a second tiny kernel) so a batch-1 GEMV still spreads over every SM; large M either runs the tiled
+kernel or dequantizes the weight once to ``x``'s dtype and calls cuBLAS (``Config.path == "dequant"``),
+whichever ``tune`` measured faster on the build's GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantlab.formats.pack import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
+from quantlab.formats.spec import get_spec
+
+FMT_CODES = {"int4": 0, "int4_asym": 1, "nvfp4": 2, "mxfp4": 3}
+
+
+def pack_w4(fmt: str, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+            global_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The kernel's tensors from a QTensor's fields (codes unpacked [N, K], scales [N, K/group])."""
+    if get_spec(fmt).family == "int":
+        words = pack_int32(codes, dim=1)
+    else:
+        words = pack_nibbles(codes).reshape(-1).view(torch.int32).reshape(codes.shape[0], -1)
+    out = {"qweight": words.t().contiguous(), "scales": scale.t().contiguous()}
+    if zero_point is not None:
+        out["zeros"] = zero_point.t().contiguous()
+    if global_scale is not None:
+        out["global_scale"] = global_scale.float().reshape(1)
+    return out
+
+
+def unpack_w4(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inverse of ``pack_w4`` for the reference path: (codes [N, K], scale [N, K/group], zero_point)."""
+    words = tensors["qweight"].t().contiguous()
+    if get_spec(fmt).family == "int":
+        codes = unpack_int32(words, dim=1)
+    else:
+        codes = unpack_nibbles(words.reshape(-1).view(torch.uint8)).reshape(words.shape[0], -1)
+    zp = tensors.get("zeros")
+    return codes, tensors["scales"].t().contiguous(), None if zp is None else zp.t().contiguous()
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration (what ``tune`` picks per M bucket and the engine stores)."""
+
+    path: str = "triton"  # or "dequant": dequantize once, then cuBLAS
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def m_bucket(m: int) -> int:
+    """The power of two >= m (capped at 4096) under which configs are stored."""
+    return min(4096, 1 << max(0, (m - 1).bit_length()))
+
+
+def heuristic_config(m: int, n: int, k: int, sms: int = 132) -> Config:
+    """A fixed per-shape choice used when no tuned config is stored."""
+    if m <= 16:
+        block_n, block_k = 64, 256 if k >= 2048 else 64
+        tiles = triton.cdiv(n, block_n)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * block_k) or 1, 16))
+        return Config("triton", 16, block_n, block_k, split, 4, 4)
+    if m <= 64:
+        return Config("triton", 64, 128, 64, 1, 4, 4)
+    if m < 1024:
+        return Config("triton", 128, 128, 64, 1, 8, 3)
+    return Config("dequant")
+
+
+@triton.jit
+def _dequant(words, kk, s_ptrs, z_ptrs, g_ptr, mask, FMT: tl.constexpr, GLOBAL: tl.constexpr):
+    """Float32 weights of a [BK, BN] tile: ``words`` holds each weight's int32, ``kk`` its row index k.
+
+    NVFP4's global scale divides the block scale here only if ``GLOBAL`` (the dequantizer, bit-exact with
+    formats); the GEMM divides its accumulator once instead.
+    """
+    u = (words >> ((kk % 8) * 4)) & 0xF
+    if FMT <= 1:
+        # 2**23 + u read as float32 minus 2**23 + 8: the code as a float without an int-to-float convert.
+        q = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        if FMT == 1:
+            q = q - tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
+        return q * tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
+    # E2M1 bits (s, e1 e0, m) placed as float16 (s, 00 e1 e0, m 000000000): an fp16 of exponent e, which is
+    # the E2M1 value (subnormal at e = 0) times 2**(1 - 15); float16's and E2M1's biases are 15 and 1.
+    h = (((u & 0x8) << 12) | ((u & 0x7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
+    v = h.to(tl.float32) * 16384.0
+    if FMT == 2:  # E4M3 scales arrive as their uint8 bits (a masked fp8 load has no "other" in the interpreter)
+        s = tl.load(s_ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if GLOBAL:
+            s = s / tl.load(g_ptr)
+        return v * s
+    e = tl.load(s_ptrs, mask=mask, other=0).to(tl.int32)
+    return v * (e << 23).to(tl.float32, bitcast=True)  # 2**(e - 127); e = 0 (an all-zero block) gives 0
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, M, N, K, K_CHUNK, stride_xm,
+                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_CHUNK
+    for k0 in range(0, K_CHUNK, BLOCK_K):
+        kk = k_start + k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        mask_w = mask_k[:, None] & mask_n[None, :]
+        words = tl.load(w_ptr + (kk // 8)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+        g_off = (kk // GROUP)[:, None] * N + offs_n[None, :]
+        w = _dequant(words, kk[:, None], s_ptr + g_off, z_ptr + g_off, g_ptr, mask_w, FMT, False)
+        acc += tl.dot(x, w.to(x.dtype))
+    if FMT == 2:
+        acc = acc / tl.load(g_ptr)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, FMT: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (kk < K)[:, None] & (offs_n < N)[None, :]
+    words = tl.load(w_ptr + (kk // 8)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    g_off = (kk // GROUP)[:, None] * N + offs_n[None, :]
+    w = _dequant(words, kk[:, None], s_ptr + g_off, z_ptr + g_off, g_ptr, mask, FMT, True)
+    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _bits(scales: torch.Tensor) -> torch.Tensor:
+    return scales.view(torch.uint8) if scales.dtype == torch.float8_e4m3fn else scales
+
+
+def dequantize_w4(fmt: str, group: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The weight transposed, [K, N] in ``dtype``, by the Triton dequantizer (one pass over the codes)."""
+    qw, s = tensors["qweight"], _bits(tensors["scales"])
+    k, n = qw.shape[0] * 8, qw.shape[1]
+    out = torch.empty(k, n, device=qw.device, dtype=dtype)
+    grid = (triton.cdiv(k, 64), triton.cdiv(n, 128))
+    _dequant_kernel[grid](qw, s, tensors.get("zeros", s), tensors.get("global_scale", s), out, n, k,
+                          FMT_CODES[fmt], group, BLOCK_N=128, BLOCK_K=64)
+    return out
+
+
+def w4a16_matmul(x: torch.Tensor, fmt: str, group: int, tensors: dict[str, torch.Tensor],
+                 config: Config | None = None) -> torch.Tensor:
+    """``x [M, K] @ W^T (+ bias)`` -> [M, N] in ``x``'s dtype, W given by ``pack_w4``'s tensors."""
+    qw, s = tensors["qweight"], _bits(tensors["scales"])
+    m, k = x.shape
+    n = qw.shape[1]
+    cfg = config or heuristic_config(m, n, k)
+    bias = tensors.get("bias")
+    if cfg.path == "dequant":
+        y = x @ dequantize_w4(fmt, group, tensors, x.dtype)
+        return y if bias is None else y + bias
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    k_chunk = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_chunk)
+    part = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    _w4a16_kernel[grid](x, qw, s, tensors.get("zeros", s), tensors.get("global_scale", s),
+                        s if bias is None else bias, out, part, m, n, k, k_chunk, x.stride(0),
+                        FMT_CODES[fmt], group, bias is not None, split, cfg.block_m, cfg.block_n, cfg.block_k,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        _split_sum_kernel[(triton.cdiv(m * n, 1024),)](part, s if bias is None else bias, out, m, n, split,
+                                                       bias is not None, BLOCK=1024)
+    return out
+
+
+def candidate_configs(m: int, n: int, k: int) -> list[Config]:
+    """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
+    base = heuristic_config(m, n, k)
+    if m <= 16:
+        out = [Config("triton", 16, bn, bk, sp, w, st) for bn in (32, 64, 128) for bk in (128, 256)
+               for sp in (1, 2, 4, 8) for w, st in ((4, 4),)]
+    elif m <= 256:
+        out = [Config("triton", bm, bn, bk, 1, w, st) for bm in (32, 64, 128) for bn in (64, 128)
+               for bk in (64, 128) for w, st in ((4, 4), (8, 3))]
+    else:
+        out = [Config("triton", bm, bn, 64, 1, w, st) for bm in (128,) for bn in (128, 256)
+               for w, st in ((8, 3), (8, 4))] + [Config("dequant")]
+    return [base] + [c for c in out if c != base]
+
+
+def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 64, 256, 1024, 4096),
+         dtype: torch.dtype = torch.bfloat16) -> dict[str, dict]:
+    """Time the candidates on this GPU for each M bucket; {str(bucket): Config as dict} (build time)."""
+    k, n = tensors["qweight"].shape[0] * 8, tensors["qweight"].shape[1]
+    choice = {}
+    for m in ms:
+        x = torch.randn(m, k, device=tensors["qweight"].device, dtype=dtype)
+        timed = []
+        for cfg in candidate_configs(m, n, k):
+            try:
+                t = triton.testing.do_bench(lambda: w4a16_matmul(x, fmt, group, tensors, cfg), warmup=5, rep=20)
+            except (triton.runtime.errors.OutOfResources, RuntimeError):
+                continue
+            timed.append((t, cfg))
+        choice[str(m_bucket(m))] = asdict(min(timed, key=lambda tc: tc[0])[1])
+    return choice
+
+
+def config_for(configs: dict | None, m: int, n: int, k: int) -> Config:
+    """The stored config of ``m``'s bucket, else the heuristic."""
+    if configs and str(m_bucket(m)) in configs:
+        return Config(**configs[str(m_bucket(m))])
+    return heuristic_config(m, n, k)
+

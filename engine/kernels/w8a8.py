@@ -1,0 +1,130 @@
+"""W8A8: FP8 (E4M3) and INT8 weights times activations quantized per token (or per tensor) on the fly.
+
+Build-time layout (``pack_w8``): ``weight`` [N, K] codes (float8_e4m3fn or int8), contiguous, so ``weight.t()``
+is the column-major [K, N] operand cuBLASLt/CUTLASS want; ``weight_scale`` float32 [1, N] (a per-tensor scale
+is broadcast to every channel at build time); ``input_scale`` float32 [1] for static activations.
+
+Run time: one Triton pass per row computes the token's amax and writes its codes and scale
+(``quantize_rows``; a static scale skips the amax), then
+- FP8: ``torch._scaled_mm`` with row-wise scales (per-token x per-channel) and the bias in its epilogue;
+- INT8: a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (``int8_matmul``).
+The rounding is ``quantlab.formats``' (scale = amax / qmax, a zero scale replaced by float32's tiny,
+FP8 round-to-nearest-even with saturation, INT8 round-half-even and clamp), so codes equal the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from quantlab.formats.spec import get_spec
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def pack_w8(codes: torch.Tensor, scale: torch.Tensor, per_tensor: bool) -> dict[str, torch.Tensor]:
+    """The kernel's tensors from a per-channel or per-tensor QTensor's codes [N, K] and scale."""
+    n = codes.shape[0]
+    s = scale.float().reshape(1, 1).expand(1, n) if per_tensor else scale.float().reshape(1, n)
+    return {"weight": codes.contiguous(), "weight_scale": s.contiguous()}
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl.constexpr, TINY: tl.constexpr,
+                          IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_x
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+        scale = tl.max(amax, axis=0) / QMAX
+        scale = tl.where(scale == 0, TINY, scale)
+        tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mask = offs < K
+        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / scale
+        if IS_INT:
+            # Adding and subtracting 1.5 * 2**23 rounds half to even (torch.round) for |v| < 2**22.
+            v = (tl.minimum(tl.maximum(v, -QMAX - 1), QMAX) + 12582912.0) - 12582912.0
+            tl.store(q_ptr + row * K + offs, v.to(tl.int8), mask=mask)
+        else:
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            tl.store(q_ptr + row * K + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor, fmt: str, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [M, K], scales [M, 1] float32) of ``x`` per token, or with a static per-tensor scale."""
+    spec = get_spec(fmt)
+    m, k = x.shape
+    q = torch.empty(m, k, device=x.device, dtype=spec.element_dtype)
+    scales = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    static = static_scale.float().reshape(1) if static_scale is not None else scales
+    block = min(4096, triton.next_power_of_2(k))
+    _quantize_rows_kernel[(m,)](x, q, scales, static, k, x.stride(0), float(spec.qmax), _TINY, spec.family == "int",
+                                static_scale is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    if static_scale is not None:
+        scales = static.reshape(1, 1).expand(m, 1).contiguous()
+    return q, scales
+
+
+def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool) -> torch.Tensor:
+    """FP8 W8A8 product in ``x``'s dtype: row-wise ``_scaled_mm`` after the fused activation quantization."""
+    q, sa = quantize_rows(x, "fp8_e4m3", tensors["input_scale"] if static else None)
+    return torch._scaled_mm(q, tensors["weight"].t(), scale_a=sa, scale_b=tensors["weight_scale"],
+                            bias=tensors.get("bias"), out_dtype=x.dtype)
+
+
+@triton.jit
+def _int8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles share their column tiles while those are in L2.
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_ptr + offs_m[:, None] * K + kk[None, :], mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0)
+        b = tl.load(b_ptr + offs_n[None, :] * K + kk[:, None], mask=(offs_n < N)[None, :] & (kk < K)[:, None], other=0)
+        acc += tl.dot(a, b)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    out = acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+    out = out * tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(c_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def int8_gemm(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+              dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """``(q @ w^T) * sa * sw (+ bias)`` in ``dtype``: int8 codes [M, K] and [N, K], int32 accumulation."""
+    m, k = q.shape
+    n = w.shape[0]
+    cfg = config or ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4} if m <= 16 else
+                     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3})
+    out = torch.empty(m, n, device=q.device, dtype=dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _int8_mm_kernel[grid](q, w, sa, sw, sw if bias is None else bias, out, m, n, k, bias is not None,
+                          cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], 8, num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
+    return out
+
+
+def int8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, config: dict | None = None) -> torch.Tensor:
+    """INT8 W8A8 product in ``x``'s dtype (activation quantization, GEMM and dequantization: two launches)."""
+    q, sa = quantize_rows(x, "int8", tensors["input_scale"] if static else None)
+    return int8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, config)
