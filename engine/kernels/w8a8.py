@@ -31,6 +31,22 @@ def pack_w8(codes: torch.Tensor, scale: torch.Tensor, per_tensor: bool) -> dict[
 
 
 @triton.jit
+def _round_e4m3(v):
+    """``v`` (float32, |v| <= 448) rounded to the nearest E4M3 value, ties to even, still float32.
+
+    The cast to float8 then only reinterprets an exact value; the rounding no longer depends on how a
+    target (or Triton's CPU interpreter, whose float8 cast mis-rounds) implements the conversion.
+    Normals keep 3 of float32's 23 mantissa bits (add half an E4M3 step plus the kept lsb, clear the
+    rest); below 2**-6 the E4M3 grid is uniform with step 2**-9, so adding 1.5 * 2**14 rounds to it.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == ~0xFFFFF
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl.constexpr, TINY: tl.constexpr,
                           IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -54,7 +70,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl
             v = (tl.minimum(tl.maximum(v, -QMAX - 1), QMAX) + 12582912.0) - 12582912.0
             tl.store(q_ptr + row * K + offs, v.to(tl.int8), mask=mask)
         else:
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            v = _round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX))
             tl.store(q_ptr + row * K + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
 
 

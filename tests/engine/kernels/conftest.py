@@ -37,6 +37,10 @@ def interpreted():
     for name in [n for n in sys.modules if _ours(n)]:
         del sys.modules[name]
     sys.modules.update(saved)
+    for name, mod in saved.items():  # parents' attributes point at the re-imported children: point back
+        parent, _, child = name.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, mod)
     if old_env is None:
         os.environ.pop("TRITON_INTERPRET")
     else:
