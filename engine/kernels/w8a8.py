@@ -31,7 +31,7 @@ def pack_w8(codes: torch.Tensor, scale: torch.Tensor, per_tensor: bool) -> dict[
 
 
 @triton.jit
-def _round_e4m3(v):
+def round_e4m3(v):
     """``v`` (float32, |v| <= 448) rounded to the nearest E4M3 value, ties to even, still float32.
 
     The cast to float8 then only reinterprets an exact value; the rounding no longer depends on how a
@@ -70,7 +70,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl
             v = (tl.minimum(tl.maximum(v, -QMAX - 1), QMAX) + 12582912.0) - 12582912.0
             tl.store(q_ptr + row * K + offs, v.to(tl.int8), mask=mask)
         else:
-            v = _round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX))
+            v = round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX))
             tl.store(q_ptr + row * K + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
 
 
