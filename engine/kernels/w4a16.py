@@ -77,64 +77,82 @@ def m_bucket(m: int) -> int:
 def heuristic_config(m: int, n: int, k: int, sms: int = 132) -> Config:
     """A fixed per-shape choice used when no tuned config is stored."""
     if m <= 16:
-        block_n, block_k = 64, 256 if k >= 2048 else 64
+        block_n, block_k = 64, 256 if k >= 2048 else 128
         tiles = triton.cdiv(n, block_n)
         split = max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * block_k) or 1, 16))
         return Config("triton", 16, block_n, block_k, split, 4, 4)
     if m <= 64:
-        return Config("triton", 64, 128, 64, 1, 4, 4)
+        return Config("triton", 64, 128, 128, 1, 4, 3)
     if m < 1024:
-        return Config("triton", 128, 128, 64, 1, 8, 3)
+        return Config("triton", 128, 128, 128, 1, 8, 3)
     return Config("dequant")
 
 
 @triton.jit
-def _dequant(words, kk, s_ptrs, z_ptrs, g_ptr, mask, FMT: tl.constexpr, GLOBAL: tl.constexpr):
-    """Float32 weights of a [BK, BN] tile: ``words`` holds each weight's int32, ``kk`` its row index k.
+def _scales(s_ptrs, g_ptr, mask, FMT: tl.constexpr, GLOBAL: tl.constexpr):
+    """Float32 scales of a tile of words (one per word: a word's 8 weights share a group).
 
     NVFP4's global scale divides the block scale here only if ``GLOBAL`` (the dequantizer, bit-exact with
-    formats); the GEMM divides its accumulator once instead.
+    formats); the GEMM divides its accumulator once instead. E4M3 scales arrive as their uint8 bits (a
+    masked float8 load has no ``other`` in the interpreter).
     """
-    u = (words >> ((kk % 8) * 4)) & 0xF
-    if FMT <= 1:
-        # 2**23 + u read as float32 minus 2**23 + 8: the code as a float without an int-to-float convert.
-        q = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        if FMT == 1:
-            q = q - tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
-        return q * tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
-    # E2M1 bits (s, e1 e0, m) placed as float16 (s, 00 e1 e0, m 000000000): an fp16 of exponent e, which is
-    # the E2M1 value (subnormal at e = 0) times 2**(1 - 15); float16's and E2M1's biases are 15 and 1.
-    h = (((u & 0x8) << 12) | ((u & 0x7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
-    v = h.to(tl.float32) * 16384.0
-    if FMT == 2:  # E4M3 scales arrive as their uint8 bits (a masked fp8 load has no "other" in the interpreter)
+    if FMT == 2:
         s = tl.load(s_ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
         if GLOBAL:
             s = s / tl.load(g_ptr)
-        return v * s
-    e = tl.load(s_ptrs, mask=mask, other=0).to(tl.int32)
-    return v * (e << 23).to(tl.float32, bitcast=True)  # 2**(e - 127); e = 0 (an all-zero block) gives 0
+        return s
+    if FMT == 3:  # E8M0: 2**(e - 127) is the float32 whose exponent bits are e (e = 0, an all-zero block, gives 0)
+        return (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _offsets(z_ptrs, mask, FMT: tl.constexpr):
+    """What INT4 subtracts from the stored (code + 8): 8 + zero point (asym) or 8; unused for E2M1."""
+    if FMT == 1:
+        return 8.0 + tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
+    return 8.0
+
+
+@triton.jit
+def _decode(words, j: tl.constexpr, scale, offset, FMT: tl.constexpr):
+    """Float32 weights held in nibble ``j`` of each word of the tile."""
+    u = (words >> (4 * j)) & 0xF
+    if FMT <= 1:
+        # 2**23 + u read as float32, minus 2**23: the code as a float without an int-to-float convert.
+        return ((u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0 - offset) * scale
+    # E2M1 bits (s, e1 e0, m) placed as float16 (s, 00 e1 e0, m 000000000): the float16 of exponent field e
+    # equals the E2M1 value (subnormal at e = 0) times 2**(1 - 15); float16's and E2M1's biases are 15 and 1.
+    h = (((u & 0x8) << 12) | ((u & 0x7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
+    return h.to(tl.float32) * 16384.0 * scale
 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, M, N, K, K_CHUNK, stride_xm,
-                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                  FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (N tile, M tile, K split). Each K step loads a [BLOCK_K/8, BLOCK_N] tile of words once and runs
+    eight dots, one per nibble j, against the activations of columns k0 + 8r + j (the reduction order over
+    K is free), so every weight byte and scale is loaded once and no tile is reshaped."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_K // 8)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_CHUNK
     for k0 in range(0, K_CHUNK, BLOCK_K):
-        kk = k_start + k0 + tl.arange(0, BLOCK_K)
-        mask_k = kk < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        mask_w = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(w_ptr + (kk // 8)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
-        g_off = (kk // GROUP)[:, None] * N + offs_n[None, :]
-        w = _dequant(words, kk[:, None], s_ptr + g_off, z_ptr + g_off, g_ptr, mask_w, FMT, False)
-        acc += tl.dot(x, w.to(x.dtype))
+        krow = k_start + k0 + rr * 8  # first k of each word; K is a multiple of 8
+        mask_r = krow < K
+        mask_w = mask_r[:, None] & mask_n[None, :]
+        words = tl.load(w_ptr + (krow // 8)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+        g_off = (krow // GROUP)[:, None] * N + offs_n[None, :]
+        scale = _scales(s_ptr + g_off, g_ptr, mask_w, FMT, False)
+        offset = _offsets(z_ptr + g_off, mask_w, FMT)
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (krow + j)[None, :],
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            acc += tl.dot(x, _decode(words, j, scale, offset, FMT).to(x.dtype))
     if FMT == 2:
         acc = acc / tl.load(g_ptr)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -147,8 +165,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, M
 
 
 @triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _split_sum_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLIT_K, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -162,13 +179,16 @@ def _split_sum_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLIT_K: tl.constexpr, HAS
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, FMT: tl.constexpr, GROUP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    krow = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K // 8) * 8
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (kk < K)[:, None] & (offs_n < N)[None, :]
-    words = tl.load(w_ptr + (kk // 8)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    g_off = (kk // GROUP)[:, None] * N + offs_n[None, :]
-    w = _dequant(words, kk[:, None], s_ptr + g_off, z_ptr + g_off, g_ptr, mask, FMT, True)
-    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    mask = (krow < K)[:, None] & (offs_n < N)[None, :]
+    words = tl.load(w_ptr + (krow // 8)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    g_off = (krow // GROUP)[:, None] * N + offs_n[None, :]
+    scale = _scales(s_ptr + g_off, g_ptr, mask, FMT, True)
+    offset = _offsets(z_ptr + g_off, mask, FMT)
+    for j in tl.static_range(8):
+        w = _decode(words, j, scale, offset, FMT)
+        tl.store(out_ptr + (krow + j)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _bits(scales: torch.Tensor) -> torch.Tensor:
@@ -180,9 +200,9 @@ def dequantize_w4(fmt: str, group: int, tensors: dict[str, torch.Tensor], dtype:
     qw, s = tensors["qweight"], _bits(tensors["scales"])
     k, n = qw.shape[0] * 8, qw.shape[1]
     out = torch.empty(k, n, device=qw.device, dtype=dtype)
-    grid = (triton.cdiv(k, 64), triton.cdiv(n, 128))
+    grid = (triton.cdiv(k, 128), triton.cdiv(n, 128))
     _dequant_kernel[grid](qw, s, tensors.get("zeros", s), tensors.get("global_scale", s), out, n, k,
-                          FMT_CODES[fmt], group, BLOCK_N=128, BLOCK_K=64)
+                          FMT_CODES[fmt], group, BLOCK_N=128, BLOCK_K=128)
     return out
 
 
@@ -217,15 +237,15 @@ def w4a16_matmul(x: torch.Tensor, fmt: str, group: int, tensors: dict[str, torch
 def candidate_configs(m: int, n: int, k: int) -> list[Config]:
     """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
     base = heuristic_config(m, n, k)
-    if m <= 16:
-        out = [Config("triton", 16, bn, bk, sp, w, st) for bn in (32, 64, 128) for bk in (128, 256)
-               for sp in (1, 2, 4, 8) for w, st in ((4, 4),)]
+    if m <= 16:  # the split is a run-time argument: 6 compilations cover these 30
+        out = [Config("triton", 16, bn, bk, sp, 4, 4) for bn in (32, 64, 128) for bk in (128, 256)
+               for sp in (1, 2, 4, 8, 16)]
     elif m <= 256:
-        out = [Config("triton", bm, bn, bk, 1, w, st) for bm in (32, 64, 128) for bn in (64, 128)
-               for bk in (64, 128) for w, st in ((4, 4), (8, 3))]
+        out = [Config("triton", bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
+            (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3))]
     else:
-        out = [Config("triton", bm, bn, 64, 1, w, st) for bm in (128,) for bn in (128, 256)
-               for w, st in ((8, 3), (8, 4))] + [Config("dequant")]
+        out = [Config("triton", 128, bn, bk, 1, 8, 3) for bn, bk in ((128, 128), (256, 128), (128, 256))]
+        out.append(Config("dequant"))
     return [base] + [c for c in out if c != base]
 
 

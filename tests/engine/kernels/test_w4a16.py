@@ -49,7 +49,7 @@ def test_matmul_matches_reference_on_odd_shapes(w4, fmt, group, m, split):
     st = _stored(fmt, group, n, k, bias=(m % 2 == 1))
     spec, tensors = linear.pack(st, torch.float16)
     x = torch.randn(m, k, dtype=torch.float16)
-    cfg = w4.Config("triton", 16, 32, 64, split, 4, 2)
+    cfg = w4.Config("triton", 16, 32, 128, split, 4, 2)  # dots of K = 128 / 8 = 16
     got = w4.w4a16_matmul(x, fmt, spec.group_size or k, tensors, cfg)
     want = linear.linear_ref(x.float(), spec, {k: v.float() if k == "bias" else v for k, v in tensors.items()})
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
