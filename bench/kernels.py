@@ -4,8 +4,10 @@ One run does, in order (each section time-boxed, errors recorded, never fatal):
 1. ceilings: device-to-device copy bandwidth, BF16 matmul, FP8 row-wise ``_scaled_mm`` and INT8 ``_int_mm`` rates;
 2. correctness: each Triton path against its reference on fresh random inputs in poisoned memory (bf16);
 3. W4A16 (INT4 g128 asym/sym, NVFP4, MXFP4) on the Llama-3-8B/70B linears for M = 1 .. 4096, beside BF16
-   cuBLAS and torch's tinygemm (``_weight_int4pack_mm``), and GemLite after its autotuning when it is on the path;
-4. W8A8 FP8/INT8 (activation quantization included), attention (bench/kernels_attention.py), elementwise.
+   cuBLAS and torch's tinygemm (``_weight_int4pack_mm``);
+4. W8A8 FP8/INT8 (activation quantization included), attention (bench/kernels_attention.py), elementwise;
+5. sweep: every config ``w4a16.tune`` considers, on three shapes; gemlite: GemLite A16W4 after its own
+   autotuning, where its source is on the path.
 
     python bench/kernels.py --out bench/results/kernels_h200.json [--sections ceilings,check,w4a16,...]
 
@@ -120,7 +122,43 @@ def check_linear() -> list[dict]:
     return rows
 
 
-def w4a16_section(deadline: float, gemlite_ok: bool) -> list[dict]:
+def sweep_section(deadline: float) -> list[dict]:
+    """Every candidate config ``w4a16.tune`` considers, timed on three shapes (INT4 g128 asym, NVFP4 once)."""
+    rows = []
+    for name, fmt, group in (("8b.o", "int4_asym", 128), ("8b.gate_up", "int4_asym", 128),
+                             ("70b.down", "int4_asym", 128), ("8b.gate_up", "nvfp4", 16)):
+        if time.time() > deadline:
+            break
+        n, k = SHAPES[name]
+        _, t = linear.pack(stored_w4(fmt, group, n, k), torch.bfloat16)
+        timings = []
+        choice = w4a16.tune(fmt, group, _on(t), ms=(1, 16, 64, 256, 1024, 4096), timings=timings)
+        rows.append({"shape": name, "fmt": fmt, "choice": choice, "timings": timings})
+    return rows
+
+
+def gemlite_section(deadline: float) -> list[dict]:
+    """GemLite A16W4 g128 after its own autotuning (reset_config, then the first call per M tunes)."""
+    import gemlite
+    gemlite.reset_config()
+    rows = []
+    for name in ("8b.o", "8b.qkv", "8b.gate_up", "8b.down"):
+        n, k = SHAPES[name]
+        layer = gemlite_layer(n, k)
+        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 4, 16, 64, 256, 4096):
+            if time.time() > deadline:
+                return rows
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t0 = time.time()
+            layer(x)
+            torch.cuda.synchronize()
+            rows.append({"shape": name, "m": m, "gemlite_ms": bench(lambda: layer(x)),
+                         "bf16_ms": bench(lambda: x @ dense.t()), "first_call_s": time.time() - t0})
+    return rows
+
+
+def w4a16_section(deadline: float) -> list[dict]:
     rows = []
     for name, (n, k) in SHAPES.items():
         dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -129,7 +167,6 @@ def w4a16_section(deadline: float, gemlite_ok: bool) -> list[dict]:
         for fmt, group in W4_FORMATS:
             spec, t = linear.pack(stored_w4(fmt, group, n, k), torch.bfloat16)
             packs[fmt] = (spec, _on(t))
-        gl = gemlite_layer(n, k) if gemlite_ok else None
         for m in MS:
             if time.time() > deadline:
                 return rows
@@ -145,10 +182,8 @@ def w4a16_section(deadline: float, gemlite_ok: bool) -> list[dict]:
             if tiny is not None:
                 w_t, sz = tiny
                 row["tinygemm_ms"] = bench(lambda: torch.ops.aten._weight_int4pack_mm(x, w_t, 128, sz))
-            if gl is not None and m <= 256:
-                row["gemlite_ms"] = bench(lambda: gl(x))
             rows.append(row)
-        del dense, packs, tiny, gl
+        del dense, packs, tiny
         torch.cuda.empty_cache()
     return rows
 
@@ -235,15 +270,15 @@ def elementwise_section() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sections", default="ceilings,check,w4a16,w8a8,attention,elementwise")
+    ap.add_argument("--sections", default="ceilings,check,w4a16,w8a8,attention,elementwise,sweep,gemlite")
     ap.add_argument("--budget-s", type=float, default=400)
-    ap.add_argument("--gemlite", action="store_true")
     args = ap.parse_args()
     start = time.time()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "sections": {}}
     plan = args.sections.split(",")
-    share = {"ceilings": 0.05, "check": 0.1, "w4a16": 0.4, "w8a8": 0.15, "attention": 0.2, "elementwise": 0.05}
+    share = {"ceilings": 0.04, "check": 0.1, "w4a16": 0.3, "sweep": 0.15, "w8a8": 0.12, "attention": 0.15,
+             "elementwise": 0.04, "gemlite": 0.1}
     for i, sec in enumerate(plan):
         deadline = time.time() + share[sec] * args.budget_s
         t0 = time.time()
@@ -255,7 +290,11 @@ def main() -> None:
                 from kernels_attention import check_attention
                 out += check_attention()
             elif sec == "w4a16":
-                out = w4a16_section(deadline, args.gemlite)
+                out = w4a16_section(deadline)
+            elif sec == "sweep":
+                out = sweep_section(deadline)
+            elif sec == "gemlite":
+                out = gemlite_section(deadline)
             elif sec == "w8a8":
                 out = w8a8_section(deadline)
             elif sec == "attention":

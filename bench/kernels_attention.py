@@ -27,8 +27,8 @@ def _paged(b, ctx, fp8):
     if fp8:
         ks = torch.full((HKV,), 0.01, device="cuda")
         vs = torch.full((HKV,), 0.01, device="cuda")
-        k = cast_saturating(k.float() / 0.01, torch.float8_e4m3fn)
-        v = cast_saturating(v.float() / 0.01, torch.float8_e4m3fn)
+        k = cast_saturating(k / 0.01, torch.float8_e4m3fn)  # bf16 in, no float32 copy of a 4 GB cache
+        v = cast_saturating(v / 0.01, torch.float8_e4m3fn)
     return k, v, tables, ks, vs
 
 
@@ -36,7 +36,7 @@ def check_attention() -> list[dict]:
     from kernels import poison, rel_err
     rows = []
     for fp8 in (False, True):
-        for b, ctx, qlens in ((3, 2048, None), (4, 512, (1, 100, 512, 37))):
+        for b, ctx, qlens in ((3, 2048, None), (4, 512, (1, 100, 477, 37))):  # 477: a whole prefill
             k, v, tables, ks, vs = _paged(b, ctx, fp8)
             lens = torch.tensor([ctx - 16 * i - 3 for i in range(b)], device="cuda", dtype=torch.int32)
             ql = [1] * b if qlens is None else list(qlens)

@@ -111,6 +111,17 @@ def pack(weight: torch.Tensor | StoredLinear, dtype: torch.dtype,
     return spec, _contiguous(tensors)
 
 
+def tune(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
+    """Launch choices for ``spec`` measured on the current GPU (build time; tensors on that GPU).
+
+    The builder stores the result as ``spec.kernel_config`` (``dataclasses.replace``); ``apply`` reads it
+    by M bucket and never tunes at run time. None where the layer's kernels take no choices.
+    """
+    if spec.kind != "w4a16":
+        return None
+    return w4a16.tune(spec.weight_format, spec.group_size or spec.in_features, tensors)
+
+
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 

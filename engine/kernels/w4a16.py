@@ -250,8 +250,11 @@ def candidate_configs(m: int, n: int, k: int) -> list[Config]:
 
 
 def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 64, 256, 1024, 4096),
-         dtype: torch.dtype = torch.bfloat16) -> dict[str, dict]:
-    """Time the candidates on this GPU for each M bucket; {str(bucket): Config as dict} (build time)."""
+         dtype: torch.dtype = torch.bfloat16, timings: list | None = None) -> dict[str, dict]:
+    """Time the candidates on this GPU for each M bucket; {str(bucket): Config as dict} (build time).
+
+    ``timings``, if given, receives every (m, config, milliseconds) measured.
+    """
     k, n = tensors["qweight"].shape[0] * 8, tensors["qweight"].shape[1]
     choice = {}
     for m in ms:
@@ -263,6 +266,8 @@ def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 6
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue
             timed.append((t, cfg))
+            if timings is not None:
+                timings.append((m, asdict(cfg), t))
         choice[str(m_bucket(m))] = asdict(min(timed, key=lambda tc: tc[0])[1])
     return choice
 
