@@ -28,8 +28,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, qsl_ptr, ks_ptr, vs_p
                     PER_HEAD: tl.constexpr):
     pid, hq = tl.program_id(0), tl.program_id(1)
     h = hq // (HQ // HKV)
-    lo = 0
-    hi = B
+    lo = pid * 0  # int32 tensors from the start: loop-carried values keep one type
+    hi = lo + B
     for _ in range(LOG_B):  # largest i with qsl[i] // BLOCK_M + i <= pid
         mid = (lo + hi) // 2
         take = tl.load(qsl_ptr + mid) // BLOCK_M + mid <= pid

@@ -27,6 +27,8 @@ import triton.language as tl
 from quantlab.formats.pack import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
 from quantlab.formats.spec import get_spec
 
+from .timing import copies_for, graph_time_ms
+
 FMT_CODES = {"int4": 0, "int4_asym": 1, "nvfp4": 2, "mxfp4": 3}
 
 
@@ -110,8 +112,10 @@ def _scales(s_ptrs, g_ptr, mask, FMT: tl.constexpr, GLOBAL: tl.constexpr):
 def _offsets(z_ptrs, mask, FMT: tl.constexpr):
     """What INT4 subtracts from the stored (code + 8): 8 + zero point (asym) or 8; unused for E2M1."""
     if FMT == 1:
-        return 8.0 + tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
-    return 8.0
+        off = 8.0 + tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
+    else:  # one return: Triton 3.6 rejects returns of different types even under a constexpr condition
+        off = tl.full(z_ptrs.shape, 8.0, tl.float32)
+    return off
 
 
 @triton.jit
@@ -249,20 +253,23 @@ def candidate_configs(m: int, n: int, k: int) -> list[Config]:
     return [base] + [c for c in out if c != base]
 
 
-def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 64, 256, 1024, 4096),
+def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 16, 64, 256, 1024, 4096),
          dtype: torch.dtype = torch.bfloat16, timings: list | None = None) -> dict[str, dict]:
     """Time the candidates on this GPU for each M bucket; {str(bucket): Config as dict} (build time).
 
+    GPU time from CUDA-graph replays over copies of the weight that together exceed L2 (``timing``).
     ``timings``, if given, receives every (m, config, milliseconds) measured.
     """
     k, n = tensors["qweight"].shape[0] * 8, tensors["qweight"].shape[1]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    copies = [tensors] + [{name: t.clone() for name, t in tensors.items()} for _ in range(copies_for(nbytes) - 1)]
     choice = {}
     for m in ms:
         x = torch.randn(m, k, device=tensors["qweight"].device, dtype=dtype)
         timed = []
         for cfg in candidate_configs(m, n, k):
             try:
-                t = triton.testing.do_bench(lambda: w4a16_matmul(x, fmt, group, tensors, cfg), warmup=5, rep=20)
+                t = graph_time_ms([lambda c=c: w4a16_matmul(x, fmt, group, c, cfg) for c in copies])
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue
             timed.append((t, cfg))
@@ -273,8 +280,10 @@ def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 6
 
 
 def config_for(configs: dict | None, m: int, n: int, k: int) -> Config:
-    """The stored config of ``m``'s bucket, else the heuristic."""
-    if configs and str(m_bucket(m)) in configs:
-        return Config(**configs[str(m_bucket(m))])
-    return heuristic_config(m, n, k)
+    """The stored config of the smallest tuned bucket >= ``m`` (else the largest), or the heuristic."""
+    if not configs:
+        return heuristic_config(m, n, k)
+    buckets = sorted(int(b) for b in configs)
+    pick = next((b for b in buckets if b >= m_bucket(m)), buckets[-1])
+    return Config(**configs[str(pick)])
 

@@ -47,31 +47,50 @@ def round_e4m3(v):
 
 
 @triton.jit
+def _encode(v, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """Codes (still float32) of ``v = x / scale``: INT8 round-half-even and clamp, or E4M3 with saturation."""
+    if IS_INT:
+        # Adding and subtracting 1.5 * 2**23 rounds half to even (torch.round) for |v| < 2**22.
+        out = (tl.minimum(tl.maximum(v, -QMAX - 1), QMAX) + 12582912.0) - 12582912.0
+    else:
+        out = round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX))
+    return out
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl.constexpr, TINY: tl.constexpr,
-                          IS_INT: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+                          IS_INT: tl.constexpr, STATIC: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program. ``ONE_PASS`` (the row fits in BLOCK): the row is read once and kept in
+    registers; otherwise a first pass finds the amax and a second (hitting L2) quantizes."""
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_x
-    if STATIC:
-        scale = tl.load(static_ptr)
+    if ONE_PASS:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        xf = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(static_ptr)
+        else:
+            scale = tl.max(tl.abs(xf), axis=0) / QMAX
+            scale = tl.where(scale == 0, TINY, scale)
+            tl.store(s_ptr + row, scale)
+        tl.store(q_ptr + row * K + offs, _encode(xf / scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
     else:
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        if STATIC:
+            scale = tl.load(static_ptr)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+            scale = tl.max(amax, axis=0) / QMAX
+            scale = tl.where(scale == 0, TINY, scale)
+            tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-        scale = tl.max(amax, axis=0) / QMAX
-        scale = tl.where(scale == 0, TINY, scale)
-        tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        mask = offs < K
-        v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / scale
-        if IS_INT:
-            # Adding and subtracting 1.5 * 2**23 rounds half to even (torch.round) for |v| < 2**22.
-            v = (tl.minimum(tl.maximum(v, -QMAX - 1), QMAX) + 12582912.0) - 12582912.0
-            tl.store(q_ptr + row * K + offs, v.to(tl.int8), mask=mask)
-        else:
-            v = round_e4m3(tl.minimum(tl.maximum(v, -QMAX), QMAX))
-            tl.store(q_ptr + row * K + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+            mask = offs < K
+            v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / scale
+            tl.store(q_ptr + row * K + offs, _encode(v, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_rows(x: torch.Tensor, fmt: str, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,9 +100,11 @@ def quantize_rows(x: torch.Tensor, fmt: str, static_scale: torch.Tensor | None =
     q = torch.empty(m, k, device=x.device, dtype=spec.element_dtype)
     scales = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     static = static_scale.float().reshape(1) if static_scale is not None else scales
-    block = min(4096, triton.next_power_of_2(k))
+    one_pass = k <= 16384
+    block = triton.next_power_of_2(k) if one_pass else 4096
     _quantize_rows_kernel[(m,)](x, q, scales, static, k, x.stride(0), float(spec.qmax), _TINY, spec.family == "int",
-                                static_scale is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                static_scale is not None, one_pass, BLOCK=block,
+                                num_warps=max(4, min(16, block // 512)))
     if static_scale is not None:
         scales = static.reshape(1, 1).expand(m, 1).contiguous()
     return q, scales

@@ -67,5 +67,8 @@ def test_heuristic_splits_k_at_batch_one_to_fill_the_gpu(w4):
 def test_stored_config_is_used_by_m_bucket(w4):
     cfgs = {"4": {"path": "triton", "block_m": 16, "block_n": 32, "block_k": 64, "split_k": 3, "num_warps": 4,
                   "num_stages": 2}}
+    cfgs["64"] = dict(cfgs["4"], block_m=64, split_k=1)
     assert w4.config_for(cfgs, 3, 64, 64).split_k == 3
-    assert w4.config_for(cfgs, 5, 64, 64) == w4.heuristic_config(5, 64, 64)
+    assert w4.config_for(cfgs, 5, 64, 64).block_m == 64  # the next tuned bucket up
+    assert w4.config_for(cfgs, 4096, 64, 64).block_m == 64  # past the last: the largest
+    assert w4.config_for(None, 5, 64, 64) == w4.heuristic_config(5, 64, 64)

@@ -36,9 +36,11 @@ def test_pack_keeps_the_checkpoints_weight(fmt, per_tensor):
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
 @pytest.mark.parametrize("static", [False, True])
-def test_row_quantization_gives_the_codes_and_scales_of_formats(w8, fmt, static):
-    # K = 1000 spans several 1024-blocks' worth of masking; one all-zero row takes the zero-scale branch.
-    x = torch.randn(5, 1000, dtype=torch.float16) * 3
+@pytest.mark.parametrize("k", [1000, 17000])
+def test_row_quantization_gives_the_codes_and_scales_of_formats(w8, fmt, static, k):
+    # K = 1000 (one pass, masked tail) and 17000 (two passes over 4096-blocks); one all-zero row takes the
+    # zero-scale branch.
+    x = torch.randn(5, k, dtype=torch.float16) * 3
     x[2] = 0
     static_scale = torch.tensor([0.01]) if static else None  # 0.01 clips: saturation is exercised
     q, s = w8.quantize_rows(x, fmt, static_scale)
