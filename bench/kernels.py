@@ -4,19 +4,22 @@ One run does, in order (each section time-boxed, errors recorded, never fatal):
 1. ceilings: device-to-device copy bandwidth, BF16 matmul, FP8 row-wise ``_scaled_mm`` and INT8 ``_int_mm`` rates;
 2. correctness: each Triton path against its reference on fresh random inputs in poisoned memory (bf16);
 3. W4A16 (INT4 g128 asym/sym, NVFP4, MXFP4) on the Llama-3-8B/70B linears for M = 1 .. 4096, beside BF16
-   cuBLAS and torch's tinygemm (``_weight_int4pack_mm``);
-4. W8A8 FP8/INT8 (activation quantization included), attention (bench/kernels_attention.py), elementwise;
-5. sweep: every config ``w4a16.tune`` considers, on three shapes; gemlite: GemLite A16W4 after its own
-   autotuning, where its source is on the path.
+   cuBLAS and torch's tinygemm (``_weight_int4pack_mm``), after ``w4a16.tune`` (the build-time tuner) on
+   INT4 g128 asym for each shape, whose choices every format then uses (same kernel, other decode);
+4. W8A8 FP8/INT8 (activation quantization included; INT8 GEMM tuned per shape), attention
+   (bench/kernels_attention.py: a config sweep, then the defaults), elementwise;
+5. gemlite: GemLite A16W4 after its own autotuning, where its source is on the path.
 
     python bench/kernels.py --out bench/results/kernels_h200.json [--sections ceilings,check,w4a16,...]
 
-Times are ``triton.testing.do_bench`` medians (L2 flushed between repetitions).
+Kernel times are GPU time from CUDA-graph replays over enough copies of the inputs to exceed L2
+(``engine/kernels/timing.py``); the ceilings are ``triton.testing.do_bench`` medians of single large ops.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import time
@@ -28,6 +31,7 @@ import triton
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
 from quantlab.engine.kernels import linear, w4a16, w8a8
+from quantlab.engine.kernels.timing import copies_for, graph_time_ms
 from quantlab.recipe.schema import ActivationScheme
 
 SHAPES = {"8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
@@ -37,8 +41,13 @@ W4_FORMATS = (("int4_asym", 128), ("int4", 128), ("nvfp4", 16), ("mxfp4", 32))
 
 
 def bench(fn, rep=20) -> float:
-    """Median milliseconds."""
+    """Median milliseconds from the host (L2 flushed between calls): for large single operations."""
     return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
+
+
+def gtime(fns) -> float:
+    """GPU milliseconds per call from CUDA-graph replays, round-robin over copies of the inputs."""
+    return graph_time_ms(fns)
 
 
 def poison():
@@ -122,83 +131,83 @@ def check_linear() -> list[dict]:
     return rows
 
 
-def sweep_section(deadline: float) -> list[dict]:
-    """Every candidate config ``w4a16.tune`` considers, timed on three shapes (INT4 g128 asym, NVFP4 once)."""
-    rows = []
-    for name, fmt, group in (("8b.o", "int4_asym", 128), ("8b.gate_up", "int4_asym", 128),
-                             ("70b.down", "int4_asym", 128), ("8b.gate_up", "nvfp4", 16)):
-        if time.time() > deadline:
-            break
-        n, k = SHAPES[name]
-        _, t = linear.pack(stored_w4(fmt, group, n, k), torch.bfloat16)
-        timings = []
-        choice = w4a16.tune(fmt, group, _on(t), ms=(1, 16, 64, 256, 1024, 4096), timings=timings)
-        rows.append({"shape": name, "fmt": fmt, "choice": choice, "timings": timings})
-    return rows
-
-
 def gemlite_section(deadline: float) -> list[dict]:
     """GemLite A16W4 g128 after its own autotuning (reset_config, then the first call per M tunes)."""
     import gemlite
     gemlite.reset_config()
     rows = []
-    for name in ("8b.o", "8b.qkv", "8b.gate_up", "8b.down"):
+    for name in ("8b.o", "8b.gate_up"):
         n, k = SHAPES[name]
-        layer = gemlite_layer(n, k)
-        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        for m in (1, 4, 16, 64, 256, 4096):
+        layers = [gemlite_layer(n, k) for _ in range(copies_for(n * k // 2))]
+        for m in (1, 16, 64):
             if time.time() > deadline:
                 return rows
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t0 = time.time()
-            layer(x)
+            layers[0](x)
             torch.cuda.synchronize()
-            rows.append({"shape": name, "m": m, "gemlite_ms": bench(lambda: layer(x)),
-                         "bf16_ms": bench(lambda: x @ dense.t()), "first_call_s": time.time() - t0})
+            first = time.time() - t0
+            try:
+                ms, how = gtime([lambda lay=lay: lay(x) for lay in layers]), "cuda graph"
+            except Exception:  # noqa: BLE001 - a peer that cannot be captured is timed from the host
+                ms, how = bench(lambda: layers[0](x)), "do_bench"
+            rows.append({"shape": name, "m": m, "gemlite_ms": ms, "timed_by": how, "first_call_s": first})
     return rows
 
 
-def w4a16_section(deadline: float) -> list[dict]:
-    rows = []
+def _copies(t: dict, nbytes: int) -> list[dict]:
+    return [t] + [{k: v.clone() for k, v in t.items()} for _ in range(copies_for(nbytes) - 1)]
+
+
+def w4a16_section(deadline: float) -> dict:
+    """Tune INT4 g128 asym per shape (as ``quantlab build`` would), use its choices for every format, time."""
+    rows, tuning = [], {}
     for name, (n, k) in SHAPES.items():
-        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        tiny = tinygemm_weight(n, k)
+        if time.time() > deadline:
+            break
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)]
+        dense += [dense[0].clone() for _ in range(copies_for(n * k * 2) - 1)]
         packs = {}
         for fmt, group in W4_FORMATS:
             spec, t = linear.pack(stored_w4(fmt, group, n, k), torch.bfloat16)
-            packs[fmt] = (spec, _on(t))
+            t = _on(t)
+            if fmt == "int4_asym":
+                timings = []
+                tuning[name] = {"choice": w4a16.tune(fmt, group, t, timings=timings), "timings": timings}
+            spec = dataclasses.replace(spec, kernel_config=tuning[name]["choice"])
+            nbytes = sum(v.numel() * v.element_size() for v in t.values())
+            packs[fmt] = (spec, _copies(t, nbytes), nbytes)
+        tiny = tinygemm_weight(n, k)
         for m in MS:
             if time.time() > deadline:
-                return rows
+                break
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_bf16 = bench(lambda: x @ dense.t())
+            t_bf16 = gtime([lambda w=w: x @ w.t() for w in dense])
             row = {"shape": name, "n": n, "k": k, "m": m, "bf16_ms": t_bf16}
-            for fmt, (spec, t) in packs.items():
-                wbytes = sum(v.numel() * v.element_size() for v in t.values())
-                ms = bench(lambda: linear.apply(x, spec, t))
-                cfg = w4a16.config_for(spec.kernel_config, m, n, k)
-                row[fmt] = {"ms": ms, "x_bf16": t_bf16 / ms, "weight_TBps": wbytes / ms / 1e9,
-                            "config": cfg.__dict__}
-            if tiny is not None:
-                w_t, sz = tiny
-                row["tinygemm_ms"] = bench(lambda: torch.ops.aten._weight_int4pack_mm(x, w_t, 128, sz))
+            for fmt, (spec, copies, nbytes) in packs.items():
+                ms = gtime([lambda c=c: linear.apply(x, spec, c) for c in copies])
+                row[fmt] = {"ms": ms, "x_bf16": t_bf16 / ms, "weight_TBps": nbytes / ms / 1e9,
+                            "config": w4a16.config_for(spec.kernel_config, m, n, k).__dict__}
+            if tiny and m <= 256:  # tinygemm is ~0.04x BF16 at M = 4096 (issue 16): not worth the device time
+                row["tinygemm_ms"] = gtime([lambda w=w, z=z: torch.ops.aten._weight_int4pack_mm(x, w, 128, z)
+                                            for w, z in tiny])
             rows.append(row)
         del dense, packs, tiny
         torch.cuda.empty_cache()
-    return rows
+    return {"rows": rows, "tuning": tuning}
 
 
-def tinygemm_weight(n, k):
-    """torch's tinygemm int4 (g128) weight for timing: random codes, packed by torch's own converter."""
+def tinygemm_weight(n, k) -> list:
+    """torch's tinygemm int4 (g128) weights for timing (copies to exceed L2): random codes, torch's packer."""
     try:
         q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32)
         packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
         w = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
         sz = torch.randn(k // 128, n, 2, device="cuda", dtype=torch.bfloat16) * 0.01
-        return w, sz
+        return [(w, sz)] + [(w.clone(), sz.clone()) for _ in range(copies_for(n * k // 2) - 1)]
     except Exception:  # noqa: BLE001 - a peer that does not run here is recorded as absent
         traceback.print_exc()
-        return None
+        return []
 
 
 def gemlite_layer(n, k):
@@ -215,32 +224,43 @@ def gemlite_layer(n, k):
     return layer
 
 
-def w8a8_section(deadline: float) -> list[dict]:
-    rows = []
+def w8a8_section(deadline: float) -> dict:
+    """FP8 (row-wise _scaled_mm) and INT8 (Triton GEMM tuned per shape) W8A8, activation quantization included."""
+    rows, tuning = [], {}
     for name, (n, k) in SHAPES.items():
-        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        packs = {fmt: (lambda s_t: (s_t[0], _on(s_t[1])))(linear.pack(stored_w8(fmt, n, k), torch.bfloat16))
-                 for fmt in ("fp8_e4m3", "int8")}
+        if time.time() > deadline:
+            break
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)]
+        dense += [dense[0].clone() for _ in range(copies_for(n * k * 2) - 1)]
+        packs = {}
+        for fmt in ("fp8_e4m3", "int8"):
+            spec, t = linear.pack(stored_w8(fmt, n, k), torch.bfloat16)
+            t = _on(t)
+            if fmt == "int8":
+                timings = []
+                tuning[name] = {"choice": w8a8.tune_int8(t, timings=timings), "timings": timings}
+                spec = dataclasses.replace(spec, kernel_config=tuning[name]["choice"])
+            packs[fmt] = (spec, _copies(t, n * k))
         for m in (1, 16, 256, 1024, 4096):
             if time.time() > deadline:
-                return rows
+                break
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_bf16 = bench(lambda: x @ dense.t())
+            t_bf16 = gtime([lambda w=w: x @ w.t() for w in dense])
             row = {"shape": name, "n": n, "k": k, "m": m, "bf16_ms": t_bf16,
-                   "quantize_rows_ms": bench(lambda: w8a8.quantize_rows(x, "fp8_e4m3"))}
-            for fmt, (spec, t) in packs.items():
-                ms = bench(lambda: linear.apply(x, spec, t))
+                   "quantize_rows_ms": gtime([lambda: w8a8.quantize_rows(x, "fp8_e4m3")])}
+            for fmt, (spec, copies) in packs.items():
+                ms = gtime([lambda c=c: linear.apply(x, spec, c) for c in copies])
                 row[fmt] = {"ms": ms, "x_bf16": t_bf16 / ms}
-            _, ti = packs["int8"]
             if m > 16:
                 qi, si = w8a8.quantize_rows(x, "int8")
-                wt = ti["weight"].t()
-                row["int8_int_mm_plus_torch_epilogue_ms"] = bench(
-                    lambda: (torch._int_mm(qi, wt).float() * si * ti["weight_scale"]).to(torch.bfloat16))
+                ti = packs["int8"][1]
+                row["int8_int_mm_plus_torch_epilogue_ms"] = gtime(
+                    [lambda c=c: (torch._int_mm(qi, c["weight"].t()).float() * si * c["weight_scale"]).to(torch.bfloat16)
+                     for c in ti])
             rows.append(row)
         del dense, packs
         torch.cuda.empty_cache()
-    return rows
+    return {"rows": rows, "tuning": tuning}
 
 
 def elementwise_section() -> list[dict]:
@@ -258,27 +278,27 @@ def elementwise_section() -> list[dict]:
                rel_err(activation.silu_and_mul(g), activation.silu_and_mul_ref(g)),
                rel_err(rope.apply_rope(q, pos, cs), rope.apply_rope_ref(q, pos, cs))]
         rows.append({"tokens": t, "rel_err(norm,silu,rope)": err,
-                     "rms_norm_residual": [bench(lambda: norm.rms_norm(x, w, 1e-5, r)),
-                                           bench(lambda: norm.rms_norm_ref(x, w, 1e-5, r))],
-                     "silu_and_mul": [bench(lambda: activation.silu_and_mul(g)),
-                                      bench(lambda: activation.silu_and_mul_ref(g))],
-                     "rope": [bench(lambda: rope.apply_rope(q, pos, cs)), bench(lambda: rope.apply_rope_ref(q, pos, cs))],
-                     "note": "[triton_ms, torch_eager_ref_ms]"})
+                     "rms_norm_residual": [gtime([lambda: norm.rms_norm(x, w, 1e-5, r)]),
+                                           gtime([lambda: norm.rms_norm_ref(x, w, 1e-5, r)])],
+                     "silu_and_mul": [gtime([lambda: activation.silu_and_mul(g)]),
+                                      gtime([lambda: activation.silu_and_mul_ref(g)])],
+                     "rope": [gtime([lambda: rope.apply_rope(q, pos, cs)]), gtime([lambda: rope.apply_rope_ref(q, pos, cs)])],
+                     "note": "[triton_ms, torch_eager_ref_ms], CUDA-graph GPU time"})
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sections", default="ceilings,check,w4a16,w8a8,attention,elementwise,sweep,gemlite")
+    ap.add_argument("--sections", default="ceilings,check,w4a16,w8a8,attention,elementwise,gemlite")
     ap.add_argument("--budget-s", type=float, default=400)
     args = ap.parse_args()
     start = time.time()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "sections": {}}
     plan = args.sections.split(",")
-    share = {"ceilings": 0.04, "check": 0.1, "w4a16": 0.3, "sweep": 0.15, "w8a8": 0.12, "attention": 0.15,
-             "elementwise": 0.04, "gemlite": 0.1}
+    share = {"ceilings": 0.04, "check": 0.1, "w4a16": 0.4, "w8a8": 0.15, "attention": 0.14,
+             "elementwise": 0.04, "gemlite": 0.13}
     for i, sec in enumerate(plan):
         deadline = time.time() + share[sec] * args.budget_s
         t0 = time.time()
@@ -291,8 +311,6 @@ def main() -> None:
                 out += check_attention()
             elif sec == "w4a16":
                 out = w4a16_section(deadline)
-            elif sec == "sweep":
-                out = sweep_section(deadline)
             elif sec == "gemlite":
                 out = gemlite_section(deadline)
             elif sec == "w8a8":

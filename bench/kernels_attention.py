@@ -2,7 +2,8 @@
 
 Llama-3-8B attention (32 q heads, 8 KV heads, head_dim 128), 16-token pages scattered at random over the
 pool. Decode reads B x context x 8 x 128 x 2 (K and V) elements of the cache: that byte count over the time
-is the bandwidth compared with the copy ceiling. SDPA (``enable_gqa``) runs on contiguous caches.
+is the bandwidth compared with the copy ceiling. SDPA (``enable_gqa``) runs on contiguous caches. Times are
+CUDA-graph GPU times over enough copies of the caches to exceed L2 (bench/kernels.py ``gtime``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from quantlab.engine.kernels import attention
+from quantlab.engine.kernels.attention_decode import paged_decode
+from quantlab.engine.kernels.attention_prefill import paged_prefill
 from quantlab.formats.fp8 import cast_saturating
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -61,41 +64,74 @@ def check_attention() -> list[dict]:
     return rows
 
 
-def attention_section(deadline: float) -> list[dict]:
-    from kernels import bench
+def _decode_case(b, ctx, fp8):
+    """Copies of a decode problem (enough to exceed L2) and a call factory over them."""
+    from kernels import copies_for
+    k, v, tables, ks, vs = _paged(b, ctx, fp8)
+    kv = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies_for(2 * k.numel() * k.element_size()) - 1)]
+    lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
+
+    def calls(**cfg):
+        return [lambda kk=kk, vv=vv: paged_decode(q, kk, vv, tables, lens, D ** -0.5, ks, vs, **cfg) for kk, vv in kv]
+    return calls, b * ctx * HKV * D * 2 * (1 if fp8 else 2)
+
+
+def attention_section(deadline: float) -> dict:
+    from kernels import copies_for, gtime
+    sweep = []
+    for ctx, b in ((32768, 16), (4096, 16)):
+        for fp8 in (False, True):
+            calls, nbytes = _decode_case(b, ctx, fp8)
+            for block_n in ((64, 128, 256) if fp8 else (32, 64, 128)):
+                for stages in (2, 3):
+                    try:
+                        ms = gtime(calls(block_n=block_n, num_stages=stages))
+                    except Exception as e:  # noqa: BLE001 - a config that does not fit is recorded
+                        ms = repr(e)[:100]
+                    sweep.append({"decode": ctx, "batch": b, "fp8": fp8, "block_n": block_n, "stages": stages, "ms": ms,
+                                  "kv_TBps": nbytes / ms / 1e9 if isinstance(ms, float) else None})
+            del calls
+            torch.cuda.empty_cache()
     rows = []
     for ctx in (512, 4096, 32768):
         for b in (1, 16, 64):
             if time.time() > deadline:
-                return rows
+                return {"rows": rows, "sweep": sweep}
             row = {"context": ctx, "batch": b}
-            kv_elems = b * ctx * HKV * D * 2
             for fp8 in (False, True):
-                k, v, tables, ks, vs = _paged(b, ctx, fp8)
-                lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-                qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-                q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
-                ms = bench(lambda: attention.paged_attention(q, k, v, tables, lens, qsl, D ** -0.5, ks, vs))
-                row["fp8" if fp8 else "bf16"] = {"ms": ms, "kv_TBps": kv_elems * (1 if fp8 else 2) / ms / 1e9}
-                del k, v
+                calls, nbytes = _decode_case(b, ctx, fp8)
+                ms = gtime(calls())
+                row["fp8" if fp8 else "bf16"] = {"ms": ms, "kv_TBps": nbytes / ms / 1e9}
+                del calls
             kd = torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
-            vd = torch.randn_like(kd)
+            kvd = [(kd, kd.clone())] + [(kd.clone(), kd.clone()) for _ in range(copies_for(2 * kd.numel() * 2) - 1)]
             qd = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
-            row["sdpa_ms"] = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True))
-            del kd, vd
+            row["sdpa_ms"] = gtime([lambda k=k, v=v: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True)
+                                    for k, v in kvd])
+            del kd, kvd
             torch.cuda.empty_cache()
             rows.append(row)
     for ctx, b in ((512, 16), (4096, 1), (4096, 8)):  # full prefill: T = b * ctx queries, causal
         if time.time() > deadline:
-            return rows
+            break
         k, v, tables, _, _ = _paged(b, ctx, False)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
         qsl = torch.arange(0, b * ctx + 1, ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(b * ctx, HQ, D, device="cuda", dtype=torch.bfloat16)
-        ms = bench(lambda: attention.paged_attention(q, k, v, tables, lens, qsl, D ** -0.5))
+        flops = 4 * b * ctx * ctx / 2 * HQ * D
+        row = {"prefill_context": ctx, "batch": b}
+        for bm, bn, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2)):
+            try:
+                ms = gtime([lambda: paged_prefill(q, k, v, tables, lens, qsl, D ** -0.5, block_m=bm, block_n=bn,
+                                                  num_warps=w, num_stages=st)])
+            except Exception as e:  # noqa: BLE001
+                ms = repr(e)[:100]
+            row[f"{bm}x{bn}w{w}s{st}"] = ms
+        row["ms"] = gtime([lambda: attention.paged_attention(q, k, v, tables, lens, qsl, D ** -0.5)])
+        row["TFLOPs"] = flops / row["ms"] / 1e9
         qd = torch.randn(b, HQ, ctx, D, device="cuda", dtype=torch.bfloat16)
         kd = torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.bfloat16)
-        sdpa = bench(lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True))
-        flops = 4 * b * ctx * ctx / 2 * HQ * D
-        rows.append({"prefill_context": ctx, "batch": b, "ms": ms, "TFLOPs": flops / ms / 1e9, "sdpa_causal_ms": sdpa})
-    return rows
+        row["sdpa_causal_ms"] = gtime([lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True, enable_gqa=True)])
+        rows.append(row)
+    return {"rows": rows, "sweep": sweep}

@@ -20,6 +20,7 @@ def print_table(res: dict) -> None:
         print(f"check: {len(s['check']) - len(bad)}/{len(s['check'])} ok", bad[:6])
     for sec in ("w4a16", "w8a8"):
         rows = s.get(sec)
+        rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
         if not isinstance(rows, list):
             print(sec, str(rows)[-1500:])
             continue
@@ -28,11 +29,19 @@ def print_table(res: dict) -> None:
         for r in rows:
             cells = [f"{f}={_f(r[f]['ms'])}({_f(r[f]['x_bf16'], 2)})"
                      + (f"[{_f(r[f]['weight_TBps'], 2)}]" if "weight_TBps" in r[f] else "") for f in fmts if f in r]
-            extra = "".join(f" {p}={_f(r[p])}" for p in ("tinygemm_ms", "gemlite_ms",
+            extra = "".join(f" {p}={_f(r[p])}" for p in ("tinygemm_ms",
                                                          "int8_int_mm_plus_torch_epilogue_ms", "quantize_rows_ms")
                             if p in r)
             print(f" {r['shape']:12s} M={r['m']:5d} bf16={_f(r['bf16_ms'])} " + " ".join(cells) + extra)
     rows = s.get("attention")
+    if isinstance(rows, dict) and "sweep" in rows:
+        best = {}
+        for r in rows["sweep"]:
+            key = (r["decode"], r["batch"], r["fp8"])
+            if isinstance(r["ms"], float) and (key not in best or r["ms"] < best[key]["ms"]):
+                best[key] = r
+        print("decode sweep best:", [(k, v["block_n"], v["stages"], round(v["kv_TBps"], 2)) for k, v in best.items()])
+        rows = rows["rows"]
     if isinstance(rows, list):
         print("attention: ms [KV TB/s]")
         for r in rows:
@@ -40,10 +49,15 @@ def print_table(res: dict) -> None:
                 print(f" ctx={r['context']:6d} B={r['batch']:3d} bf16={_f(r['bf16']['ms'])}[{_f(r['bf16']['kv_TBps'], 2)}]"
                       f" fp8={_f(r['fp8']['ms'])}[{_f(r['fp8']['kv_TBps'], 2)}] sdpa={_f(r['sdpa_ms'])}")
             else:
+                cfgs = {k: round(v, 3) for k, v in r.items() if "x" in k and isinstance(v, float)}
                 print(f" prefill ctx={r['prefill_context']} B={r['batch']} {_f(r['ms'])}ms {_f(r['TFLOPs'], 0)}TFLOP/s"
-                      f" sdpa={_f(r['sdpa_causal_ms'])}")
+                      f" sdpa={_f(r['sdpa_causal_ms'])} {cfgs}")
     elif rows is not None:
         print("attention", str(rows)[-1500:])
+    if isinstance(s.get("gemlite"), list):
+        print("gemlite:", [(r["shape"], r["m"], round(r["gemlite_ms"], 4), r.get("timed_by")) for r in s["gemlite"]])
+    elif s.get("gemlite") is not None:
+        print("gemlite", str(s["gemlite"])[-800:])
     if s.get("elementwise") is not None:
         print("elementwise:", json.dumps(s["elementwise"])[:1500])
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_decode import attend_block
+
 _LOG2E = 1.4426950408889634
 
 
@@ -51,30 +53,22 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, qsl_ptr, ks_ptr, vs_p
     scale = qk_scale
     v_scale = 1.0
     if FP8:
+        q = q.to(tl.float16)
         scale = scale * tl.load(ks_ptr + h * PER_HEAD)
         v_scale = tl.load(vs_ptr + h * PER_HEAD)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    last = tl.minimum(ctx, ctx - (q1 - q0) + (row0 - q0) + BLOCK_M)  # keys past the block's last query
-    for t0 in range(0, last, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        t_mask = t < ctx
-        blk = tl.load(bt_ptr + seq * stride_bt + t // PAGE, mask=t_mask, other=0)
-        kv_off = ((blk * PAGE + t % PAGE) * HKV + h)[:, None] * D + dd[None, :]
-        k = tl.load(k_ptr + kv_off, mask=t_mask[:, None], other=0)
-        v = tl.load(v_ptr + kv_off, mask=t_mask[:, None], other=0)
-        if FP8:
-            k = k.to(tl.float8e4nv, bitcast=True)
-            v = v.to(tl.float8e4nv, bitcast=True)
-        sc = tl.dot(q, tl.trans(k.to(q.dtype))) * scale
-        sc = tl.where(t_mask[None, :] & (t[None, :] <= pos[:, None]), sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m = m_new
+    first = ctx - (q1 - q0) + (row0 - q0)  # position of the block's first query
+    full = (first + 1) // BLOCK_N * BLOCK_N  # keys below this are visible to every row: no mask
+    last = tl.minimum(ctx, first + BLOCK_M)  # keys past the block's last query are never needed
+    bt_row = bt_ptr + seq * stride_bt
+    for t0 in range(0, full, BLOCK_N):
+        m, l, acc = attend_block(q, m, l, acc, k_ptr, v_ptr, bt_row, t0, ctx, pos, scale, h, HKV, D, PAGE,
+                                 BLOCK_N, FP8, 0)
+    for t0 in range(full, last, BLOCK_N):
+        m, l, acc = attend_block(q, m, l, acc, k_ptr, v_ptr, bt_row, t0, ctx, pos, scale, h, HKV, D, PAGE,
+                                 BLOCK_N, FP8, 2)
     out = acc * v_scale / l[:, None]
     tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -82,7 +76,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, qsl_ptr, ks_ptr, vs_p
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, query_start_loc: torch.Tensor, softmax_scale: float,
                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                  block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                  block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """Varlen causal attention (q [T, Hq, D]) over the paged caches -> [T, Hq, D]."""
     t, hq, d = q.shape
     b = block_tables.shape[0]
@@ -96,5 +90,5 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     grid = (triton.cdiv(t, block_m) + b, hq)
     _prefill_kernel[grid](q, kc, vc, block_tables, context_lens, query_start_loc, ks, vs, out,
                           softmax_scale * _LOG2E, block_tables.stride(0), b, hq, hkv, d, page, block_m, block_n,
-                          max(1, b.bit_length()), fp8, per_head, num_warps=4, num_stages=2)
+                          max(1, b.bit_length()), fp8, per_head, num_warps=num_warps, num_stages=num_stages)
     return out

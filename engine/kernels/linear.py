@@ -117,9 +117,11 @@ def tune(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
     The builder stores the result as ``spec.kernel_config`` (``dataclasses.replace``); ``apply`` reads it
     by M bucket and never tunes at run time. None where the layer's kernels take no choices.
     """
-    if spec.kind != "w4a16":
-        return None
-    return w4a16.tune(spec.weight_format, spec.group_size or spec.in_features, tensors)
+    if spec.kind == "w4a16":
+        return w4a16.tune(spec.weight_format, spec.group_size or spec.in_features, tensors)
+    if spec.kind == "w8a8_int8":
+        return w8a8.tune_int8(tensors)
+    return None
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,5 +177,5 @@ def apply(x: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -
     if spec.kind == "w8a8_fp8" and (spec.act_granularity == "token" or static):
         return w8a8.fp8_matmul(x, tensors, static)
     if spec.kind == "w8a8_int8" and (spec.act_granularity == "token" or static):
-        return w8a8.int8_matmul(x, tensors, static)
+        return w8a8.int8_matmul(x, tensors, static, spec.kernel_config)
     return linear_ref(x, spec, tensors)

@@ -27,7 +27,7 @@ import triton.language as tl
 from quantlab.formats.pack import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
 from quantlab.formats.spec import get_spec
 
-from .timing import copies_for, graph_time_ms
+from .timing import copies_for, graph_time_ms, m_bucket, tuned_for
 
 FMT_CODES = {"int4": 0, "int4_asym": 1, "nvfp4": 2, "mxfp4": 3}
 
@@ -71,11 +71,6 @@ class Config:
     num_stages: int = 4
 
 
-def m_bucket(m: int) -> int:
-    """The power of two >= m (capped at 4096) under which configs are stored."""
-    return min(4096, 1 << max(0, (m - 1).bit_length()))
-
-
 def heuristic_config(m: int, n: int, k: int, sms: int = 132) -> Config:
     """A fixed per-shape choice used when no tuned config is stored."""
     if m <= 16:
@@ -102,9 +97,9 @@ def _scales(s_ptrs, g_ptr, mask, FMT: tl.constexpr, GLOBAL: tl.constexpr):
         s = tl.load(s_ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
         if GLOBAL:
             s = s / tl.load(g_ptr)
-        return s
+        return s * 16384.0  # 2**14 undoes _decode's float16 placement (exact: a power of two)
     if FMT == 3:  # E8M0: 2**(e - 127) is the float32 whose exponent bits are e (e = 0, an all-zero block, gives 0)
-        return (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        return (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True) * 16384.0
     return tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
 
 
@@ -127,8 +122,9 @@ def _decode(words, j: tl.constexpr, scale, offset, FMT: tl.constexpr):
         return ((u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0 - offset) * scale
     # E2M1 bits (s, e1 e0, m) placed as float16 (s, 00 e1 e0, m 000000000): the float16 of exponent field e
     # equals the E2M1 value (subnormal at e = 0) times 2**(1 - 15); float16's and E2M1's biases are 15 and 1.
+    # ``_scales`` folded the 2**14 into the scale.
     h = (((u & 0x8) << 12) | ((u & 0x7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
-    return h.to(tl.float32) * 16384.0 * scale
+    return h.to(tl.float32) * scale
 
 
 @triton.jit
@@ -137,13 +133,20 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, M
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (N tile, M tile, K split). Each K step loads a [BLOCK_K/8, BLOCK_N] tile of words once and runs
     eight dots, one per nibble j, against the activations of columns k0 + 8r + j (the reduction order over
-    K is free), so every weight byte and scale is loaded once and no tile is reshaped."""
+    K is free), so every weight byte and scale is loaded once and no tile is reshaped.
+
+    BLOCK_M == 1 is the GEMV form for a single row: no tensor cores, each thread multiply-adds its weights
+    into a [BLOCK_K/8, BLOCK_N] float32 accumulator that is summed over K once at the end (the weights stay
+    float32 there, not rounded to 16 bits first: within the tolerance of the reference)."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_K // 8)
     mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_CHUNK
     for k0 in range(0, K_CHUNK, BLOCK_K):
         krow = k_start + k0 + rr * 8  # first k of each word; K is a multiple of 8
@@ -154,9 +157,15 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, M
         scale = _scales(s_ptr + g_off, g_ptr, mask_w, FMT, False)
         offset = _offsets(z_ptr + g_off, mask_w, FMT)
         for j in tl.static_range(8):
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (krow + j)[None, :],
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            acc += tl.dot(x, _decode(words, j, scale, offset, FMT).to(x.dtype))
+            if BLOCK_M == 1:
+                xj = tl.load(x_ptr + pid_m * stride_xm + krow + j, mask=mask_r, other=0.0).to(tl.float32)
+                acc2 += xj[:, None] * _decode(words, j, scale, offset, FMT)
+            else:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (krow + j)[None, :],
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                acc += tl.dot(x, _decode(words, j, scale, offset, FMT).to(x.dtype))
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]
     if FMT == 2:
         acc = acc / tl.load(g_ptr)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -241,9 +250,12 @@ def w4a16_matmul(x: torch.Tensor, fmt: str, group: int, tensors: dict[str, torch
 def candidate_configs(m: int, n: int, k: int) -> list[Config]:
     """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
     base = heuristic_config(m, n, k)
-    if m <= 16:  # the split is a run-time argument: 6 compilations cover these 30
-        out = [Config("triton", 16, bn, bk, sp, 4, 4) for bn in (32, 64, 128) for bk in (128, 256)
-               for sp in (1, 2, 4, 8, 16)]
+    if m <= 16:  # the split is a run-time argument: 4 compilations cover these 16 (+4 GEMV forms at M = 1)
+        out = [Config("triton", 16, bn, bk, sp, 4, 4) for bn in (64, 128) for bk in (128, 256)
+               for sp in (1, 2, 4, 8)]
+        if m == 1:
+            out += [Config("triton", 1, bn, bk, sp, 4, 3) for bn in (64, 128) for bk in (256, 512)
+                    for sp in (1, 2, 4, 8)]
     elif m <= 256:
         out = [Config("triton", bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
             (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3))]
@@ -281,9 +293,6 @@ def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 16, 64, 
 
 def config_for(configs: dict | None, m: int, n: int, k: int) -> Config:
     """The stored config of the smallest tuned bucket >= ``m`` (else the largest), or the heuristic."""
-    if not configs:
-        return heuristic_config(m, n, k)
-    buckets = sorted(int(b) for b in configs)
-    pick = next((b for b in buckets if b >= m_bucket(m)), buckets[-1])
-    return Config(**configs[str(pick)])
+    cfg = tuned_for(configs, m)
+    return heuristic_config(m, n, k) if cfg is None else Config(**cfg)
 

@@ -20,6 +20,8 @@ import triton.language as tl
 
 from quantlab.formats.spec import get_spec
 
+from .timing import copies_for, graph_time_ms, m_bucket, tuned_for
+
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -151,8 +153,7 @@ def int8_gemm(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tens
     """``(q @ w^T) * sa * sw (+ bias)`` in ``dtype``: int8 codes [M, K] and [N, K], int32 accumulation."""
     m, k = q.shape
     n = w.shape[0]
-    cfg = config or ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4} if m <= 16 else
-                     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3})
+    cfg = config or int8_candidates(m)[0]
     out = torch.empty(m, n, device=q.device, dtype=dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _int8_mm_kernel[grid](q, w, sa, sw, sw if bias is None else bias, out, m, n, k, bias is not None,
@@ -161,7 +162,47 @@ def int8_gemm(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tens
     return out
 
 
-def int8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, config: dict | None = None) -> torch.Tensor:
-    """INT8 W8A8 product in ``x``'s dtype (activation quantization, GEMM and dequantization: two launches)."""
+def int8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, configs: dict | None = None) -> torch.Tensor:
+    """INT8 W8A8 product in ``x``'s dtype (activation quantization, GEMM and dequantization: two launches).
+
+    ``configs``: ``tune_int8``'s choices by M bucket (or one config dict), else the fixed default.
+    """
     q, sa = quantize_rows(x, "int8", tensors["input_scale"] if static else None)
-    return int8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, config)
+    cfg = configs if configs is None or "BLOCK_M" in configs else tuned_for(configs, x.shape[0])
+    return int8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, cfg)
+
+
+def int8_candidates(m: int) -> list[dict]:
+    """Launch configs ``tune_int8`` times for an M bucket; the first is the default."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    if m <= 16:
+        rows = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4))
+    elif m <= 256:
+        rows = ((64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4))
+    else:
+        rows = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+                (128, 256, 64, 8, 4))
+    return [dict(zip(keys, r)) for r in rows]
+
+
+def tune_int8(tensors: dict[str, torch.Tensor], ms=(1, 16, 256, 1024, 4096), timings: list | None = None) -> dict:
+    """Time ``int8_candidates`` on this GPU per M bucket (build time): {str(bucket): config}."""
+    n, k = tensors["weight"].shape
+    nbytes = n * k
+    copies = [tensors["weight"]] + [tensors["weight"].clone() for _ in range(copies_for(nbytes) - 1)]
+    sw = tensors["weight_scale"]
+    choice = {}
+    for m in ms:
+        q = torch.randint(-128, 128, (m, k), device=sw.device, dtype=torch.int8)
+        sa = torch.rand(m, 1, device=sw.device)
+        timed = []
+        for cfg in int8_candidates(m):
+            try:
+                t = graph_time_ms([lambda w=w: int8_gemm(q, sa, w, sw, None, torch.bfloat16, cfg) for w in copies])
+            except (triton.runtime.errors.OutOfResources, RuntimeError):
+                continue
+            timed.append((t, cfg))
+            if timings is not None:
+                timings.append((m, cfg, t))
+        choice[str(m_bucket(m))] = min(timed, key=lambda tc: tc[0])[1]
+    return choice

@@ -43,13 +43,13 @@ def test_triton_dequantizer_matches_formats_bit_for_bit(w4, fmt, group):
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
-@pytest.mark.parametrize("m,split", [(1, 1), (3, 4), (17, 1), (33, 2)])
-def test_matmul_matches_reference_on_odd_shapes(w4, fmt, group, m, split):
+@pytest.mark.parametrize("m,split,block_m", [(1, 1, 16), (3, 4, 16), (17, 1, 16), (33, 2, 16), (1, 3, 1)])
+def test_matmul_matches_reference_on_odd_shapes(w4, fmt, group, m, split, block_m):
     n, k = 72, 5 * group if group >= 32 else 80
     st = _stored(fmt, group, n, k, bias=(m % 2 == 1))
     spec, tensors = linear.pack(st, torch.float16)
     x = torch.randn(m, k, dtype=torch.float16)
-    cfg = w4.Config("triton", 16, 32, 128, split, 4, 2)  # dots of K = 128 / 8 = 16
+    cfg = w4.Config("triton", block_m, 32, 128, split, 4, 2)  # dots of K = 128 / 8 = 16; block_m 1: GEMV
     got = w4.w4a16_matmul(x, fmt, spec.group_size or k, tensors, cfg)
     want = linear.linear_ref(x.float(), spec, {k: v.float() if k == "bias" else v for k, v in tensors.items()})
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
