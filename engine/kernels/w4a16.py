@@ -1,17 +1,20 @@
 """W4A16: 4-bit weights (INT4 sym/asym, NVFP4, MXFP4) times 16-bit activations, one Triton family.
 
 Build-time layout (``pack_w4``), chosen so the kernel reads every weight byte once, coalesced along N:
-- ``qweight`` int32 [K/8, N]: word (r, n) holds the 4-bit codes of weights (8r .. 8r+7, n), element 8r+j in
-  bits 4j..4j+3 (``formats.pack``'s nibble order along K, then transposed). INT4 codes are stored +8
-  (0..15, as ``pack_int32``), E2M1 codes as they are (sign in bit 3).
+- ``qweight`` int32 [K/8, N]: 8 codes per word, INT4 codes stored +8 (0..15, as ``pack_int32``), E2M1 codes
+  as they are (sign in bit 3). Within each group of G weights along K (S = G/8 words), word ``g*S + i``
+  holds in nibble j (bits 4j..4j+3) the weight ``k = g*G + j*S + i``: a word's 8 weights share one group
+  (one scale), and nibble j of S consecutive words covers S consecutive k, so the activations the kernel
+  pairs with nibble j are contiguous (vector loads). ``formats.pack`` packs the permuted codes.
 - ``scales`` [K/group, N] in the checkpoint's scale dtype (bf16 for INT4, E4M3 for NVFP4, E8M0 uint8 for
   MXFP4): the transpose of the stored scales, so a K-tile's scales are one contiguous row per group.
 - ``zeros`` int8 [K/group, N] (INT4 asym only): the transposed zero points.
 - ``global_scale`` float32 [1] (NVFP4 only): divides the accumulator once (it is per tensor).
 
 Kernel: ``y[m, n] = sum_k x[m, k] * w[k, n]`` with ``w`` dequantized per K-tile in registers and fed to
-``tl.dot`` in ``x``'s dtype. Small M (decode) uses BLOCK_M=16 with split-K (partials in float32, summed
-by a second tiny kernel) so a batch-1 GEMV still spreads over every SM; large M either runs the tiled
+``tl.dot`` in ``x``'s dtype. Small M (decode) uses BLOCK_M=16 (or a no-tensor-core GEMV form at M=1) with
+split-K (partials in float32, summed by the split that finishes last, in the same launch) so a batch-1
+GEMV still spreads over every SM; large M either runs the tiled
 kernel or dequantizes the weight once to ``x``'s dtype and calls cuBLAS (``Config.path == "dequant"``),
 whichever ``tune`` measured faster on the build's GPU.
 """
@@ -35,6 +38,9 @@ FMT_CODES = {"int4": 0, "int4_asym": 1, "nvfp4": 2, "mxfp4": 3}
 def pack_w4(fmt: str, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
             global_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The kernel's tensors from a QTensor's fields (codes unpacked [N, K], scales [N, K/group])."""
+    n, k = codes.shape
+    group = k // scale.shape[1]
+    codes = codes.reshape(n, k // group, 8, group // 8).transpose(2, 3).reshape(n, k)  # module docstring
     if get_spec(fmt).family == "int":
         words = pack_int32(codes, dim=1)
     else:
@@ -54,6 +60,9 @@ def unpack_w4(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         codes = unpack_int32(words, dim=1)
     else:
         codes = unpack_nibbles(words.reshape(-1).view(torch.uint8)).reshape(words.shape[0], -1)
+    n, k = codes.shape
+    group = k // tensors["scales"].shape[0]
+    codes = codes.reshape(n, k // group, group // 8, 8).transpose(2, 3).reshape(n, k)
     zp = tensors.get("zeros")
     return codes, tensors["scales"].t().contiguous(), None if zp is None else zp.t().contiguous()
 
@@ -97,7 +106,7 @@ def _scales(s_ptrs, g_ptr, mask, FMT: tl.constexpr, GLOBAL: tl.constexpr):
         s = tl.load(s_ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
         if GLOBAL:
             s = s / tl.load(g_ptr)
-        return s * 16384.0  # 2**14 undoes _decode's float16 placement (exact: a power of two)
+        return s * 16384.0  # 2**14 undoes _code's float16 placement (exact: a power of two)
     if FMT == 3:  # E8M0: 2**(e - 127) is the float32 whose exponent bits are e (e = 0, an all-zero block, gives 0)
         return (tl.load(s_ptrs, mask=mask, other=0).to(tl.int32) << 23).to(tl.float32, bitcast=True) * 16384.0
     return tl.load(s_ptrs, mask=mask, other=0).to(tl.float32)
@@ -105,39 +114,70 @@ def _scales(s_ptrs, g_ptr, mask, FMT: tl.constexpr, GLOBAL: tl.constexpr):
 
 @triton.jit
 def _offsets(z_ptrs, mask, FMT: tl.constexpr):
-    """What INT4 subtracts from the stored (code + 8): 8 + zero point (asym) or 8; unused for E2M1."""
+    """What INT4 subtracts from 2**23 + stored code (``_code``): 2**23 + 8 + zero point (asym) or
+    2**23 + 8, one subtraction per weight; unused for E2M1."""
     if FMT == 1:
-        off = 8.0 + tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
+        off = 8388616.0 + tl.load(z_ptrs, mask=mask, other=0).to(tl.float32)
     else:  # one return: Triton 3.6 rejects returns of different types even under a constexpr condition
-        off = tl.full(z_ptrs.shape, 8.0, tl.float32)
+        off = tl.full(z_ptrs.shape, 8388616.0, tl.float32)
     return off
 
 
 @triton.jit
-def _decode(words, j: tl.constexpr, scale, offset, FMT: tl.constexpr):
-    """Float32 weights held in nibble ``j`` of each word of the tile."""
+def _code(words, j: tl.constexpr, offset, FMT: tl.constexpr):
+    """Float32 weights held in nibble ``j`` of each word of the tile, before the word's scale."""
     u = (words >> (4 * j)) & 0xF
     if FMT <= 1:
-        # 2**23 + u read as float32, minus 2**23: the code as a float without an int-to-float convert.
-        return ((u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0 - offset) * scale
+        # 2**23 + u read as float32: the code as a float without an int-to-float convert.
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - offset
     # E2M1 bits (s, e1 e0, m) placed as float16 (s, 00 e1 e0, m 000000000): the float16 of exponent field e
     # equals the E2M1 value (subnormal at e = 0) times 2**(1 - 15); float16's and E2M1's biases are 15 and 1.
     # ``_scales`` folded the 2**14 into the scale.
     h = (((u & 0x8) << 12) | ((u & 0x7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
-    return h.to(tl.float32) * scale
+    return h.to(tl.float32)
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, M, N, K, K_CHUNK, stride_xm,
+def _gemv_int_word_sums(words, x_ptrs, mask_r, offset, magic, S: tl.constexpr):
+    """sum_j x[k_j] * (code_j - zero point) for every word of an INT4 tile, three instructions a weight.
+
+    Nibble j is not shifted down: ``words & (0xF << p) | 2**23`` read as float32 is 2**23 + u * 2**p
+    exactly while the nibble sits in the 23 mantissa bits (p = 4j for j <= 4; nibbles 5-7 are taken from
+    ``words >> 12`` at p = 8, 12, 16, one shift per word), so one LOP3 and one FADD give u * 2**p, and the
+    row's activation is pre-multiplied by 2**-p (exact). No nibble but the first sits at bit 0 of its
+    source, which keeps the compiler from turning mask-after-shift back into a per-weight bit-field
+    extract. The offset (8 + zero point) comes off once per word as ``offset * sum_j x_j``; ``offset``
+    arrives as 2**23 + 8 + zero point (``_offsets``). ``magic`` is 0x4B000000 passed at run time: in a
+    register it lets and-with-mask and or-with-magic fuse into one LOP3 (an instruction takes one immediate).
+    """
+    hi = words >> 12  # arithmetic shift: sign bits land above bit 19, which no mask below keeps
+    t = tl.zeros(words.shape, tl.float32)
+    xsum = tl.zeros((words.shape[0],), tl.float32)
+    for j in tl.static_range(8):
+        xj = tl.load(x_ptrs + j * S, mask=mask_r, other=0.0).to(tl.float32)
+        xsum += xj
+        if j <= 4:
+            f = ((words & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+            t += (xj * (1.0 / (1 << (4 * j))))[:, None] * f
+        else:
+            f = ((hi & (0xF << (4 * j - 12))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+            t += (xj * (1.0 / (1 << (4 * j - 12))))[:, None] * f
+    return t - (offset - 8388608.0) * xsum[:, None]
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, K_CHUNK, stride_xm, MAGIC,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One (N tile, M tile, K split). Each K step loads a [BLOCK_K/8, BLOCK_N] tile of words once and runs
-    eight dots, one per nibble j, against the activations of columns k0 + 8r + j (the reduction order over
-    K is free), so every weight byte and scale is loaded once and no tile is reshaped.
+    eight dots, one per nibble j, against the activations of each word's nibble-j k (the reduction order
+    over K is free), so every weight byte and scale is loaded once and no tile is reshaped.
 
-    BLOCK_M == 1 is the GEMV form for a single row: no tensor cores, each thread multiply-adds its weights
-    into a [BLOCK_K/8, BLOCK_N] float32 accumulator that is summed over K once at the end (the weights stay
-    float32 there, not rounded to 16 bits first: within the tolerance of the reference)."""
+    BLOCK_M == 1 is the GEMV form for one row: no tensor cores (and no trip of the dequantized tile through
+    shared memory to reach them); each thread multiply-adds unscaled codes into a [BLOCK_K/8, BLOCK_N]
+    float32 sum per word, scales it once per word, and sums over K once at the end (the weights stay
+    float32, not rounded to 16 bits: within the tolerance of the reference). A 3-D form for 2-4 rows
+    compiled to more instructions per weight than the tensor-core path (SASS read offline) and was dropped."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,60 +188,73 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, M
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_CHUNK
+    S = GROUP // 8  # words per group (module docstring)
     for k0 in range(0, K_CHUNK, BLOCK_K):
-        krow = k_start + k0 + rr * 8  # first k of each word; K is a multiple of 8
-        mask_r = krow < K
+        w = (k_start + k0) // 8 + rr  # word index; K_CHUNK and BLOCK_K are multiples of 8
+        mask_r = w * 8 < K
         mask_w = mask_r[:, None] & mask_n[None, :]
-        words = tl.load(w_ptr + (krow // 8)[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
-        g_off = (krow // GROUP)[:, None] * N + offs_n[None, :]
+        words = tl.load(w_ptr + w[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+        g_off = (w // S)[:, None] * N + offs_n[None, :]
         scale = _scales(s_ptr + g_off, g_ptr, mask_w, FMT, False)
         offset = _offsets(z_ptr + g_off, mask_w, FMT)
-        for j in tl.static_range(8):
+        kbase = (w // S) * GROUP + w % S  # k of nibble 0; nibble j is k + j * S
+        if BLOCK_M == 1 and FMT <= 1:
+            acc2 += _gemv_int_word_sums(words, x_ptr + pid_m * stride_xm + kbase, mask_r, offset, MAGIC, S) * scale
+        else:
+            for j in tl.static_range(8):
+                if BLOCK_M == 1:  # a word's 8 weights share its scale: scale the word's sum once
+                    xj = tl.load(x_ptr + pid_m * stride_xm + kbase + j * S, mask=mask_r, other=0.0).to(tl.float32)
+                    if j == 0:
+                        t = xj[:, None] * _code(words, j, offset, FMT)
+                    else:
+                        t += xj[:, None] * _code(words, j, offset, FMT)
+                else:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kbase + j * S)[None, :],
+                                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    acc += tl.dot(x, (_code(words, j, offset, FMT) * scale).to(x.dtype))
             if BLOCK_M == 1:
-                xj = tl.load(x_ptr + pid_m * stride_xm + krow + j, mask=mask_r, other=0.0).to(tl.float32)
-                acc2 += xj[:, None] * _decode(words, j, scale, offset, FMT)
-            else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (krow + j)[None, :],
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                acc += tl.dot(x, _decode(words, j, scale, offset, FMT).to(x.dtype))
+                acc2 += t * scale
     if BLOCK_M == 1:
         acc = tl.sum(acc2, axis=0)[None, :]
     if FMT == 2:
         acc = acc / tl.load(g_ptr)
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+    tile = offs_m[:, None] * N + offs_n[None, :]
+    last = pid_k >= 0  # True, as a tensor: it changes under a run-time branch below
+    if SPLIT_K > 1:
+        # Split-K without a second launch: every split stores its partial sum and counts itself in at the
+        # tile's counter (acq_rel: the store is visible before the count); the split that arrives last adds
+        # the partials (read through L2, not a stale L1) and resets the counter for the next call.
+        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
+        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+        tl.debug_barrier()  # every thread's partial is stored before the (cumulative) release below
+        last = tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock, 0)
+    if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
-
-
-@triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLIT_K, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, FMT: tl.constexpr, GROUP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    krow = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K // 8) * 8
+    S = GROUP // 8
+    w = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (krow < K)[:, None] & (offs_n < N)[None, :]
-    words = tl.load(w_ptr + (krow // 8)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    g_off = (krow // GROUP)[:, None] * N + offs_n[None, :]
+    mask = (w * 8 < K)[:, None] & (offs_n < N)[None, :]
+    words = tl.load(w_ptr + w[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    g_off = (w // S)[:, None] * N + offs_n[None, :]
     scale = _scales(s_ptr + g_off, g_ptr, mask, FMT, True)
     offset = _offsets(z_ptr + g_off, mask, FMT)
+    kbase = (w // S) * GROUP + w % S
     for j in tl.static_range(8):
-        w = _decode(words, j, scale, offset, FMT)
-        tl.store(out_ptr + (krow + j)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+        v = _code(words, j, offset, FMT) * scale
+        tl.store(out_ptr + (kbase + j * S)[:, None] * N + offs_n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _bits(scales: torch.Tensor) -> torch.Tensor:
@@ -237,24 +290,34 @@ def w4a16_matmul(x: torch.Tensor, fmt: str, group: int, tensors: dict[str, torch
     split = triton.cdiv(k, k_chunk)
     part = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    locks = _locks(x.device, grid[0] * grid[1]) if split > 1 else out
     _w4a16_kernel[grid](x, qw, s, tensors.get("zeros", s), tensors.get("global_scale", s),
-                        s if bias is None else bias, out, part, m, n, k, k_chunk, x.stride(0),
+                        s if bias is None else bias, out, part, locks, m, n, k, k_chunk, x.stride(0), 0x4B000000,
                         FMT_CODES[fmt], group, bias is not None, split, cfg.block_m, cfg.block_n, cfg.block_k,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        _split_sum_kernel[(triton.cdiv(m * n, 1024),)](part, s if bias is None else bias, out, m, n, split,
-                                                       bias is not None, BLOCK=1024)
     return out
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Split-K arrival counters, zero between calls (the last split resets its tile's): allocated once per
+    device and grown when a launch has more tiles, so CUDA-graph replays reuse the same buffer."""
+    have = _LOCKS.get(device)
+    if have is None or have.numel() < tiles:
+        _LOCKS[device] = have = torch.zeros(max(tiles, 1 << 16), device=device, dtype=torch.int32)
+    return have
 
 
 def candidate_configs(m: int, n: int, k: int) -> list[Config]:
     """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
     base = heuristic_config(m, n, k)
-    if m <= 16:  # the split is a run-time argument: 4 compilations cover these 16 (+4 GEMV forms at M = 1)
+    if m <= 16:  # the split is a run-time argument: 4 compilations cover these 16, plus the GEMV forms
         out = [Config("triton", 16, bn, bk, sp, 4, 4) for bn in (64, 128) for bk in (128, 256)
                for sp in (1, 2, 4, 8)]
-        if m == 1:
-            out += [Config("triton", 1, bn, bk, sp, 4, 3) for bn in (64, 128) for bk in (256, 512)
+        if m == 1:  # the GEMV form, in tiles that compile without spills (sm_90 SASS read offline)
+            out += [Config("triton", 1, bn, bk, sp, 4, 3) for bn, bk in ((64, 256), (32, 256), (64, 128))
                     for sp in (1, 2, 4, 8)]
     elif m <= 256:
         out = [Config("triton", bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
@@ -265,7 +328,7 @@ def candidate_configs(m: int, n: int, k: int) -> list[Config]:
     return [base] + [c for c in out if c != base]
 
 
-def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 16, 64, 256, 1024, 4096),
+def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 64, 256, 1024, 4096),
          dtype: torch.dtype = torch.bfloat16, timings: list | None = None) -> dict[str, dict]:
     """Time the candidates on this GPU for each M bucket; {str(bucket): Config as dict} (build time).
 
