@@ -114,6 +114,13 @@ def check_linear() -> list[dict]:
             poison()
             err = rel_err(linear.apply(x, spec, t), want)
             rows.append({"kernel": f"w4a16 {fmt} g{group}", "m": m, "rel_err": err, "ok": err < 1e-2})
+            if m == 1:  # the GEMV form (only tuning picks it), with and without split-K
+                for split in (1, 3):
+                    poison()
+                    cfg = w4a16.Config("triton", 1, 64, 256, split, 4, 3)
+                    err = rel_err(w4a16.w4a16_matmul(x, fmt, spec.group_size or k, t, cfg), want)
+                    rows.append({"kernel": f"w4a16 gemv {fmt} g{group} split{split}", "m": 1, "rel_err": err,
+                                 "ok": err < 1e-2})
     for fmt in ("fp8_e4m3", "int8"):
         for gran in ("token", "tensor"):
             spec, t = linear.pack(stored_w8(fmt, n, k, gran, bias=True), torch.bfloat16)
