@@ -313,18 +313,15 @@ def _locks(device: torch.device, tiles: int) -> torch.Tensor:
 def candidate_configs(m: int, n: int, k: int) -> list[Config]:
     """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
     base = heuristic_config(m, n, k)
-    if m <= 16:  # the split is a run-time argument: 4 compilations cover these 16, plus the GEMV forms
-        out = [Config("triton", 16, bn, bk, sp, 4, 4) for bn in (64, 128) for bk in (128, 256)
-               for sp in (1, 2, 4, 8)]
+    if m <= 16:  # the split is a run-time argument: 2 compilations cover these 8, plus the GEMV forms
+        out = [Config("triton", 16, bn, 256, sp, 4, 4) for bn in (64, 128) for sp in (1, 2, 4, 8)]
         if m == 1:  # the GEMV form, in tiles that compile without spills (sm_90 SASS read offline)
-            out += [Config("triton", 1, bn, bk, sp, 4, 3) for bn, bk in ((64, 256), (32, 256), (64, 128))
-                    for sp in (1, 2, 4, 8)]
+            out += [Config("triton", 1, bn, 256, sp, 4, 3) for bn in (64, 32) for sp in (1, 2, 4, 8)]
     elif m <= 256:
         out = [Config("triton", bm, bn, bk, 1, w, st) for bm, bn, bk, w, st in (
-            (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 256, 8, 3))]
+            (64, 64, 128, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3))]
     else:
-        out = [Config("triton", 128, bn, bk, 1, 8, 3) for bn, bk in ((128, 128), (256, 128), (128, 256))]
-        out.append(Config("dequant"))
+        out = [Config("triton", 128, 128, 128, 1, 8, 3), Config("dequant")]
     return [base] + [c for c in out if c != base]
 
 

@@ -176,12 +176,11 @@ def int8_candidates(m: int) -> list[dict]:
     """Launch configs ``tune_int8`` times for an M bucket; the first is the default."""
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     if m <= 16:
-        rows = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4))
+        rows = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4))
     elif m <= 256:
         rows = ((64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 64, 128, 4, 4))
     else:
-        rows = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4),
-                (128, 256, 64, 8, 4))
+        rows = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3))
     return [dict(zip(keys, r)) for r in rows]
 
 
