@@ -114,11 +114,11 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, str
     dst = slot * HKV * D + src
     k = tl.load(k_ptr + tok * stride_k + src, mask=mask, other=0.0)
     v = tl.load(v_ptr + tok * stride_v + src, mask=mask, other=0.0)
-    if FP8:  # formats.fp8: clamp(x / scale) rounded to E4M3, ties to even; stored as the code's bits
+    if FP8:  # formats.fp8: clamp(x / scale) (IEEE division) rounded to E4M3, ties to even; stored as bits
         ks = tl.load(ks_ptr + hh * PER_HEAD, mask=hh < HKV, other=1.0)[:, None]
         vs = tl.load(vs_ptr + hh * PER_HEAD, mask=hh < HKV, other=1.0)[:, None]
-        k = round_e4m3(tl.minimum(tl.maximum(k.to(tl.float32) / ks, -448.0), 448.0))
-        v = round_e4m3(tl.minimum(tl.maximum(v.to(tl.float32) / vs, -448.0), 448.0))
+        k = round_e4m3(tl.minimum(tl.maximum(tl.div_rn(k.to(tl.float32), ks), -448.0), 448.0))
+        v = round_e4m3(tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), vs), -448.0), 448.0))
         k = k.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         v = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)

@@ -76,8 +76,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, qsl_ptr, ks_ptr, vs_p
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, query_start_loc: torch.Tensor, softmax_scale: float,
                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                  block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
-    """Varlen causal attention (q [T, Hq, D]) over the paged caches -> [T, Hq, D]."""
+                  block_m: int = 128, block_n: int = 128, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """Varlen causal attention (q [T, Hq, D]) over the paged caches -> [T, Hq, D].
+
+    Default tiles: the fastest of the three timed on the H200 (2026-12-02, 4K-token prefill of 8 sequences:
+    128x128 / 8 warps / 2 stages 2.88 ms, 64x64 / 4 / 2 2.92 ms, 128x64 / 8 / 3 3.67 ms).
+    """
     t, hq, d = q.shape
     b = block_tables.shape[0]
     page, hkv = k_cache.shape[1], k_cache.shape[2]

@@ -9,7 +9,9 @@ Run time: one Triton pass per row computes the token's amax and writes its codes
 - FP8: ``torch._scaled_mm`` with row-wise scales (per-token x per-channel) and the bias in its epilogue;
 - INT8: a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (``int8_matmul``).
 The rounding is ``quantlab.formats``' (scale = amax / qmax, a zero scale replaced by float32's tiny,
-FP8 round-to-nearest-even with saturation, INT8 round-half-even and clamp), so codes equal the reference's.
+FP8 round-to-nearest-even with saturation, INT8 round-half-even and clamp), and ``x / scale`` is an IEEE
+division (``tl.div_rn``; Triton's ``/`` is an approximate division on the GPU, which the H200 run of
+2026-12-02 caught as INT8 codes one off at ties), so codes equal the reference's.
 """
 
 from __future__ import annotations
@@ -73,10 +75,11 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl
         if STATIC:
             scale = tl.load(static_ptr)
         else:
-            scale = tl.max(tl.abs(xf), axis=0) / QMAX
+            amax = tl.max(tl.abs(xf), axis=0)
+            scale = tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
             scale = tl.where(scale == 0, TINY, scale)
             tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * K + offs, _encode(xf / scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + row * K + offs, _encode(tl.div_rn(xf, scale), QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
     else:
         if STATIC:
             scale = tl.load(static_ptr)
@@ -85,13 +88,14 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl
             for k0 in range(0, K, BLOCK):
                 offs = k0 + tl.arange(0, BLOCK)
                 amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-            scale = tl.max(amax, axis=0) / QMAX
+            amax = tl.max(amax, axis=0)
+            scale = tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
             scale = tl.where(scale == 0, TINY, scale)
             tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             mask = offs < K
-            v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / scale
+            v = tl.div_rn(tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32), scale)
             tl.store(q_ptr + row * K + offs, _encode(v, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
 
 
