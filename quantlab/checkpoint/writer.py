@@ -30,11 +30,11 @@ from ..models import resolve_model
 from ..pipeline import CalibrationResult, match_scheme
 from ..recipe.schema import Recipe
 from . import schema
+from .digest import file_sha256
+from .files import INDEX_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,10 @@ def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib: Calibra
     provenance = _provenance(recipe, calib, result)
     with atomic.atomic_directory(out, overwrite, error=CheckpointError) as tmp:
         shards, nbytes = _write_tensors(model, EXPORT_DTYPES[recipe.export_dtype], tmp, max_shard_bytes)
+        # Readers that read a whole shard check it against this (files.verify_shard).
+        provenance["shards"] = {s: file_sha256(tmp / s) for s in shards if s.endswith(".safetensors")}
         tokenizer.save_pretrained(tmp)
         _write_json(tmp / "config.json", config, sort_keys=True)  # as save_pretrained writes it
-        _write_json(tmp / "quantlab.json", provenance)
+        _write_json(tmp / PROVENANCE_NAME, provenance)
         files = tuple(sorted(p.name for p in tmp.iterdir()))
     return WriteSummary(out, files, nbytes, len([s for s in shards if s.endswith(".safetensors")]), num_quantized)
