@@ -13,7 +13,6 @@ import logging
 import re
 import resource
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from .mappings import fused_shards, layer_mappings
 from .models import decoder_layers
 from .observers import quantize_weight
 from .recipe.schema import Recipe, SchemeGroup
+from .result import CalibrationResult, LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +36,6 @@ log = logging.getLogger(__name__)
 TRANSFORM_FNS = {"smoothquant": smoothquant.apply, "awq": awq.apply}
 ROUNDER_FNS = {"rtn": rtn.apply, "gptq": gptq.apply}
 BATCH_SIZE = 8
-
-
-@dataclass
-class LayerStats:
-    """Per-layer summary: relative MSE of the quantized vs float layer output on the same inputs (the
-    first calibration batch: the float layer runs only on it, which is enough for this estimate and
-    saves most of a pass over the data per layer)."""
-
-    name: str
-    rel_mse: float
-    seconds: float
-    peak_mem_mib: float
-
-
-@dataclass
-class CalibrationResult:
-    """What calibration produced besides the modified model."""
-
-    layers: list[LayerStats]
-    seconds: float
-    peak_mem_mib: float
-    notes: list[str] = field(default_factory=list)
-    kv_states: list[KVCacheQuant] = field(default_factory=list)
 
 
 class _StopForward(Exception):
@@ -194,7 +171,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
     hidden, kwargs = [h.to(keep_on) for h in hidden], [to_device(kw, keep_on) for kw in kwargs]
     layer_prefix = next(n for n, m in model.named_modules() if m is layers)
 
-    stats, notes = [], []
+    stats, notes, assigned = [], [], {}
     bar = tqdm(list(enumerate(layers)), desc="calibrating", unit="layer", disable=not progress)
     for index, layer in bar:
         t0 = time.perf_counter()
@@ -228,6 +205,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
             parent_name, _, child = local.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
             setattr(parent, child, QuantLinear(qweight, linear.bias, schemes[local].activations, input_amax.get(local), dtype).to(device))
+            assigned[f"{name}.{local}"] = schemes[local]
         with decoded_weights(layer):
             quant_out = ctx.run()
         _check_finite(name, "quantized outputs", quant_out)
@@ -242,16 +220,20 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
         bar.set_postfix(rel_mse=f"{stats[-1].rel_mse:.2e}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _quantize_outside_layers(model, layers, recipe, dtype, rounder.algorithm)
-    return CalibrationResult(stats, time.perf_counter() - start, max(s.peak_mem_mib for s in stats), notes, kv_states)
+    assigned.update(_quantize_outside_layers(model, layers, recipe, dtype, rounder.algorithm))
+    return CalibrationResult(stats, time.perf_counter() - start, max(s.peak_mem_mib for s in stats), notes, kv_states,
+                             assigned)
 
 
-def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Recipe, dtype: torch.dtype, rounder: str) -> None:
-    """Round targeted Linears outside the decoder layers (e.g. an un-ignored lm_head) with RTN.
+def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Recipe, dtype: torch.dtype,
+                             rounder: str) -> dict[str, SchemeGroup]:
+    """Round targeted Linears outside the decoder layers (e.g. an un-ignored lm_head) with RTN; returns
+    each one's name and scheme group.
 
     They see no calibration pass, so only weight-only or dynamic-activation schemes are possible.
     """
     inside = {id(m) for m in layers.modules()}
+    assigned = {}
     for name, module in list(model.named_modules()):
         if id(module) in inside:
             continue
@@ -266,3 +248,5 @@ def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Re
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear(quantize_weight(module.weight.detach().float(), group.weights),
                                            module.bias, group.activations, None, dtype))
+        assigned[name] = group
+    return assigned

@@ -21,36 +21,13 @@ from .. import formats, observers
 from . import gptq_kernel
 from ..errors import CalibrationError
 from ..recipe.schema import WeightScheme
+from ..recipe.stages import GPTQParams
 
 logger = logging.getLogger(__name__)
 
 # A Hessian that is not positive definite after dampening is retried with 10x the dampening,
 # this many times (so up to 10**4 x the recipe's value) before calibration stops.
 _MAX_DAMPING_RETRIES = 4
-
-
-@dataclass(frozen=True, slots=True)
-class GPTQParams:
-    """GPTQ parameters.
-
-    Attributes:
-        block_size: columns per lazy-update block.
-        dampening: fraction of the mean Hessian diagonal added to the diagonal.
-        act_order: process columns by decreasing Hessian diagonal.
-        static_groups: with act_order, compute group scales before reordering so groups stay
-            contiguous and no ``g_idx`` is needed in the checkpoint. With False, groups are formed in
-            processing order and ``GPTQStats.g_idx`` says which group each column joined.
-        true_sequential: inside a decoder layer, quantize the Linears stage by stage in execution
-            order (q/k/v, then o, then gate/up, then down) and take each stage's Hessian from inputs
-            that already went through the quantized earlier stages, as the reference implementation's
-            ``--true-sequential`` and GPTQModel do. False: every Hessian comes from one float pass.
-    """
-
-    block_size: int = 128
-    dampening: float = 0.01
-    act_order: bool = False
-    static_groups: bool = True
-    true_sequential: bool = True
 
 
 @dataclass(frozen=True, slots=True)
