@@ -23,7 +23,7 @@ from .algorithms import awq, gptq, rtn, smoothquant
 from .context import LayerContext, to_device
 from .data import CalibrationSet
 from .errors import CalibrationError, QuantlabError
-from .fake_quant import KVCacheQuant, QuantLinear, decoded_weights, enable_kv_quant
+from .fake_quant import KVCacheQuant, QuantLinear, activation_scales, decoded_weights, enable_kv_quant
 from .mappings import fused_shards, layer_mappings
 from .models import decoder_layers
 from .observers import quantize_weight
@@ -199,12 +199,14 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
         input_amax = _observe_activations(ctx, static) if (static or layer_kv) else {}
         for kv in layer_kv:
             kv.observing = False
+            kv.set_scales_from_observed()
         qweights = ROUNDER_FNS[rounder.algorithm](ctx, rounder.params)
         for local, qweight in qweights.items():
             linear = ctx.targets[local]
             parent_name, _, child = local.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, child, QuantLinear(qweight, linear.bias, schemes[local].activations, input_amax.get(local), dtype).to(device))
+            act = schemes[local].activations
+            setattr(parent, child, QuantLinear(qweight, linear.bias, act, dtype, *activation_scales(act, input_amax.get(local))).to(device))
             assigned[f"{name}.{local}"] = schemes[local]
         with decoded_weights(layer):
             quant_out = ctx.run()
@@ -247,6 +249,6 @@ def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Re
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear(quantize_weight(module.weight.detach().float(), group.weights),
-                                           module.bias, group.activations, None, dtype))
+                                           module.bias, group.activations, dtype))
         assigned[name] = group
     return assigned

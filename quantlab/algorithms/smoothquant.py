@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import formats, observers
-from ..fake_quant import activation_kwargs
+from ..fake_quant import activation_kwargs, activation_scales
 from ..recipe.schema import ActivationScheme, WeightScheme
 from ..recipe.stages import SmoothQuantParams
 from .folding import fold_scales
@@ -44,7 +44,7 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
 def _quantize_acts(x: torch.Tensor, scheme: ActivationScheme) -> torch.Tensor:
     """Simulated run-time activation quantization of ``x`` [tokens, in], as ``QuantLinear`` does it; a
     static range is the min-max of ``x`` itself, i.e. what calibration on this data would store."""
-    return formats.quantize_dequantize(x, scheme.format, **activation_kwargs(scheme, x.abs().amax()))
+    return formats.quantize_dequantize(x, scheme.format, **activation_kwargs(scheme, *activation_scales(scheme, x.abs().amax())))
 
 
 def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor,

@@ -1,9 +1,9 @@
 """Load a quantlab checkpoint back as a fake-quant model whose outputs equal the calibrated model's.
 
-The model is built from config.json (without its quantization_config) by transformers, the plain tensors
-are read with safetensors (never pickle), each quantized Linear is rebuilt as a ``QuantLinear`` from its
-compressed tensors through ``schema.decompress_linear``, and FP8 KV-cache states get k/v ranges that
-reproduce the stored ``k_scale``/``v_scale`` exactly.
+The model is built from config.json (without its quantization_config) by transformers; tensors are read
+through ``stream.open_checkpoint`` (safetensors, never pickle) one module at a time. Each quantized Linear
+becomes a ``QuantLinear`` holding its stored codes and scales as they are, and each FP8 KV-cache state its
+stored ``k_scale``/``v_scale``: the model computes with exactly the numbers the checkpoint holds.
 """
 
 from __future__ import annotations
@@ -80,14 +80,14 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     stored_modules = {k.rpartition(".")[0] for k in ckpt.names()}
 
     replaced = set()
-    for name, key in assign_groups(model, qcfg).items():
+    for name in assign_groups(model, qcfg):
         if name not in stored_modules:
             raise CheckpointError(f"{path}: the quantized module {name} has no tensors")
-        local = ckpt.module_tensors(name)
-        qweight, act, input_amax = schema.decompress_linear(name, local, qcfg["config_groups"][key])
+        stored = ckpt.linear(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(qweight, local.get("bias"), act, input_amax, dtype))
+        setattr(parent, child, QuantLinear(stored.qweight, stored.bias, stored.act, dtype, stored.input_scale,
+                                           stored.input_global_scale))
         replaced.add(name)
 
     kv_owners = []
@@ -95,11 +95,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         enable_kv_quant(model, ckpt.kv_cache)
         for name, module in model.named_modules():
             if isinstance(getattr(module, "kv_quant", None), KVCacheQuant):
-                k, v = ckpt.kv_scales(name)
-                schema.load_kv_state(module.kv_quant, {"k_scale": k, "v_scale": v})
+                module.kv_quant.k_scale, module.kv_quant.v_scale = ckpt.kv_scales(name)
                 kv_owners.append(name)
 
-    owned = [f"{n}." for n in replaced] + [f"{n}.{s}" for n in kv_owners for s in ("k_scale", "v_scale", "kv_quant.")]
+    owned = [f"{n}." for n in replaced] + [f"{n}.{s}" for n in kv_owners for s in ("k_scale", "v_scale")]
     _copy_plain_tensors(ckpt, model, skip=tuple(owned))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

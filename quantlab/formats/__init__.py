@@ -1,6 +1,7 @@
 """All quantization numerics. Calibrators, kernels' reference paths, export and tests call only this.
 
-    quantize(x, fmt, *, group_size=None, per_tensor=False, amax=None, amin=None, global_amax=None) -> QTensor
+    quantize(x, fmt, *, group_size=None, per_tensor=False, amax=None, amin=None, global_amax=None,
+             global_scale=None, scale=None) -> QTensor
     dequantize(q, dtype=torch.float32) -> Tensor
     quantize_dequantize(x, fmt, **same) -> Tensor          # simulated value, x's dtype
     qparams(fmt, amin, amax, global_amax=None) -> QParams  # scales for given ranges
