@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from . import algorithms
 from .algorithms import awq, gptq, rtn, smoothquant
-from .context import LayerContext, to_device
+from .context import LayerContext, forward_hooks, to_device
 from .data import CalibrationSet
 from .errors import CalibrationError, QuantlabError
 from .fake_quant import KVCacheQuant, QuantLinear, activation_scales, decoded_weights, enable_kv_quant
 from .mappings import fused_shards, layer_mappings
 from .models import decoder_layers
-from .observers import quantize_weight
+from .observers import activation_amax, quantize_weight
 from .recipe.schema import Recipe, SchemeGroup
 from .result import CalibrationResult, LayerStats
 
@@ -74,16 +74,12 @@ def _capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.T
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in ids.split(BATCH_SIZE):
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    with forward_hooks([(layers[0], catch)], pre=True), torch.no_grad():
+        for batch in ids.split(BATCH_SIZE):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
     return hidden, kwargs
 
 
@@ -107,26 +103,15 @@ def _check_finite(name: str, what: str, tensors) -> None:
 
 def _observe_activations(ctx: LayerContext, static: list[str]) -> dict[str, torch.Tensor]:
     """Calibrated |x| ranges of the inputs of Linears with static ranges (per-tensor or nvfp4 global):
-    the maximum over batches of each batch's max (minmax) or percentile of |x|."""
+    the maximum over batches of each batch's range by the scheme's observer (``observers.activation_amax``)."""
     amax: dict[str, torch.Tensor] = {}
 
-    def hook(_m, args, _out, n):
-        act = ctx.schemes[n].activations
-        x = args[0].detach().abs().float()
-        if act.observer == "percentile":
-            # torch.quantile refuses inputs above 2**24 elements; a strided subsample keeps it exact enough.
-            flat = x.flatten()[:: max(1, x.numel() // 2**24 + 1)]
-            a = torch.quantile(flat, act.percentile / 100.0).cpu()
-        else:
-            a = x.amax().cpu()
-        amax[n] = a if n not in amax else torch.maximum(amax[n], a)
+    def hook(name: str, x: torch.Tensor) -> None:
+        a = activation_amax(x, ctx.schemes[name].activations).cpu()
+        amax[name] = a if name not in amax else torch.maximum(amax[name], a)
 
-    handles = [ctx.layer.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in static]
-    try:
+    with forward_hooks((ctx.layer.get_submodule(n), lambda _m, args, _o, n=n: hook(n, args[0])) for n in static):
         ctx.run()
-    finally:
-        for h in handles:
-            h.remove()
     return amax
 
 

@@ -32,10 +32,11 @@ QUANT_METHOD = "compressed-tensors"
 # The compressed-tensors release whose layout (dense int32 packing, tensor names) these checkpoints follow.
 FORMAT_VERSION = "0.20.0"
 MIXED_PRECISION = "mixed-precision"
+PACKED_INT = "pack-quantized"  # int4 codes packed eight per int32, with weight_shape
 CT_FORMATS = {
     "int8": "int-quantized",
-    "int4": "pack-quantized",
-    "int4_asym": "pack-quantized",
+    "int4": PACKED_INT,
+    "int4_asym": PACKED_INT,
     "fp8_e4m3": "float-quantized",
     "nvfp4": "nvfp4-pack-quantized",
     "mxfp4": "mxfp4-pack-quantized",
@@ -44,6 +45,10 @@ CT_FORMATS = {
 # vLLM ignores it); a method with no counterpart (percentile) is left out.
 _WEIGHT_OBSERVERS = {"minmax": "minmax", "mse": "mse"}
 _STATIC_OBSERVERS = {"minmax": "static_minmax"}
+# compressed-tensors' strategy and scale dtype of each fp4 format (block sizes come from formats.spec).
+_FP4_ARGS = {"nvfp4": ("tensor_group", "torch.float8_e4m3fn"), "mxfp4": ("group", "torch.uint8")}
+# An fp4 format is told apart by its block length, the only QuantizationArgs field where they differ.
+_FP4_BY_BLOCK = {formats.get_spec(f).block_size: f for f in _FP4_ARGS}
 
 
 # --- quantization_config --------------------------------------------------------------------------------
@@ -71,10 +76,9 @@ def weight_args(w: WeightScheme) -> dict:
         raise _unsupported("weight", w.format)
     spec = formats.get_spec(w.format)
     observer = _WEIGHT_OBSERVERS.get(w.observer)
-    if w.format == "nvfp4":
-        return _args(4, "float", True, "tensor_group", 16, False, observer, "torch.float8_e4m3fn")
-    if w.format == "mxfp4":
-        return _args(4, "float", True, "group", 32, False, observer, "torch.uint8")
+    if w.format in _FP4_ARGS:
+        strategy, scale_dtype = _FP4_ARGS[w.format]
+        return _args(spec.bits, "float", True, strategy, spec.block_size, False, observer, scale_dtype)
     # quantlab's granularity names (tensor, channel, group) are compressed-tensors' strategy names.
     return _args(spec.bits, "float" if spec.family == "fp8" else "int", spec.symmetric, w.granularity, w.group_size,
                  False, observer)
@@ -84,11 +88,12 @@ def activation_args(a: ActivationScheme) -> dict:
     """QuantizationArgs of an input-activation scheme (``config_groups.*.input_activations``)."""
     if a.format not in CT_FORMATS:
         raise _unsupported("activation", a.format)
-    if a.format == "nvfp4":  # dynamic per block, calibrated global scale: compressed-tensors' "local"
-        return _args(4, "float", True, "tensor_group", 16, "local", "static_minmax", "torch.float8_e4m3fn")
-    if a.format == "mxfp4":
-        return _args(4, "float", True, "group", 32, True, None, "torch.uint8")
     spec = formats.get_spec(a.format)
+    if a.format in _FP4_ARGS:
+        strategy, scale_dtype = _FP4_ARGS[a.format]
+        # nvfp4: dynamic per block with a calibrated global scale, which compressed-tensors calls "local"
+        dynamic, observer = ("local", "static_minmax") if a.format == "nvfp4" else (True, None)
+        return _args(spec.bits, "float", True, strategy, spec.block_size, dynamic, observer, scale_dtype)
     observer = None if a.dynamic else _STATIC_OBSERVERS.get(a.observer)
     return _args(spec.bits, "float" if spec.family == "fp8" else "int", True, a.granularity, None, a.dynamic, observer)
 
@@ -197,13 +202,13 @@ def compress_linear(name: str, module: QuantLinear) -> dict[str, torch.Tensor]:
     """
     q = module.qweight
     out: dict[str, torch.Tensor] = {}
-    if q.fmt in ("int4", "int4_asym"):
+    if CT_FORMATS.get(q.fmt) == PACKED_INT:
         out["weight_packed"] = pack_int32(q.codes, dim=1)
         out["weight_scale"] = q.scale
         out["weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
         if q.zero_point is not None:
             out["weight_zero_point"] = pack_int32(q.zero_point, dim=0)
-    elif q.fmt in ("nvfp4", "mxfp4"):
+    elif q.fmt in _FP4_ARGS:
         out["weight_packed"] = pack_nibbles(q.codes)
         out["weight_scale"] = q.scale
         if q.global_scale is not None:
@@ -234,8 +239,8 @@ def weight_format(w: dict) -> str:
         return "int4" if kind[2] else "int4_asym"
     if kind[:2] == ("float", 8):
         return "fp8_e4m3"
-    if kind[:2] == ("float", 4) and kind[3] in (16, 32):
-        return "nvfp4" if kind[3] == 16 else "mxfp4"
+    if kind[:2] == ("float", 4) and kind[3] in _FP4_BY_BLOCK:
+        return _FP4_BY_BLOCK[kind[3]]
     raise CheckpointError(f"quantlab cannot read weights quantized as {w}")
 
 
@@ -275,12 +280,12 @@ def decompress_weight(name: str, tensors: dict[str, torch.Tensor], scheme: dict)
     group_size = w.get("group_size") if strategy in ("group", "tensor_group") else None
     try:
         scale, zp, gs = tensors["weight_scale"], tensors.get("weight_zero_point"), None
-        if fmt in ("int4", "int4_asym"):
+        if CT_FORMATS[fmt] == PACKED_INT:
             rows, cols = (int(v) for v in tensors["weight_shape"])
             codes = unpack_int32(tensors["weight_packed"], dim=1)[:, :cols]
             if zp is not None:
                 zp = unpack_int32(zp, dim=0)[:rows]
-        elif fmt in ("nvfp4", "mxfp4"):
+        elif fmt in _FP4_ARGS:
             codes = unpack_nibbles(tensors["weight_packed"])
             gs = tensors.get("weight_global_scale")
         else:

@@ -25,8 +25,8 @@ class GPTQParams:
         dampening: fraction of the mean Hessian diagonal added to the diagonal.
         act_order: process columns by decreasing Hessian diagonal.
         static_groups: with act_order, compute group scales before reordering so groups stay
-            contiguous and no ``g_idx`` is needed in the checkpoint. With False, groups are formed in
-            processing order and ``GPTQStats.g_idx`` says which group each column joined.
+            contiguous and no ``g_idx`` is needed in the checkpoint. It must be true with act_order and
+            group granularity: quantlab checkpoints store no ``weight_g_idx``.
         true_sequential: inside a decoder layer, quantize the Linears stage by stage in execution
             order (q/k/v, then o, then gate/up, then down) and take each stage's Hessian from inputs
             that already went through the quantized earlier stages, as the reference implementation's
