@@ -1,11 +1,20 @@
 """Our checkpoints, read by compressed-tensors itself (the library vLLM loads them with): the config
 parses, its matching assigns every module the scheme quantlab used, and its own decompressors turn our
-stored tensors into exactly our dequantized weights. Pinned to the layout of compressed-tensors 0.20."""
+stored tensors into exactly our dequantized weights. Pinned to the layout of compressed-tensors 0.20: the
+``test`` extra pins the exact version, and these tests fail (never skip) without it."""
 
+import importlib.metadata
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+from compressed_tensors.utils.match import match_named_modules, match_targets
 from safetensors.torch import load_file
 
 from quantlab import formats
@@ -17,12 +26,11 @@ from quantlab.recipe.schema import ActivationScheme as A
 from quantlab.recipe.schema import KVCacheScheme, SchemeGroup
 from quantlab.recipe.schema import WeightScheme as W
 
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.compressors.format import infer_module_format  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig  # noqa: E402
-from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam  # noqa: E402
-from compressed_tensors.utils.match import match_named_modules, match_targets  # noqa: E402
+def test_compressed_tensors_is_the_version_the_test_extra_pins():
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    (pinned,) = re.findall(r'"compressed-tensors==([^"]+)"', pyproject)
+    assert importlib.metadata.version("compressed-tensors") == pinned
+
 
 ALL = ("Linear",)
 SCHEMES = {
