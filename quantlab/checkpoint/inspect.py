@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
 from . import schema
 from .files import read_header, read_quantization_config, shard_files
 from .reader import assign_groups, build_model

@@ -17,8 +17,8 @@ from ..errors import CheckpointError
 from ..fake_quant import KVCacheQuant, QuantLinear, enable_kv_quant
 from . import schema
 # shard_files is re-exported: evaluation sizes a checkpoint by its shards.
-from .files import read_quantization_config, shard_files  # noqa: F401
-from .stream import open_checkpoint
+from .files import shard_files  # noqa: F401
+from .stream import StoredCheckpoint, open_checkpoint
 
 
 def _first_line(e: Exception) -> str:
@@ -107,7 +107,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     return model.to(device).eval(), tokenizer, ckpt.provenance
 
 
-def _copy_plain_tensors(ckpt, model: nn.Module, skip: tuple[str, ...]) -> None:
+def _copy_plain_tensors(ckpt: StoredCheckpoint, model: nn.Module, skip: tuple[str, ...]) -> None:
     """Copy every stored tensor not named by ``skip`` (prefixes) into the model's parameter or buffer of
     that name, one tensor at a time; CheckpointError on missing, unexpected or misshapen tensors."""
     state = {k: t for k, t in model.state_dict(keep_vars=True).items() if not k.startswith(skip)}
