@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from quantlab.engine.kernels import attention
 from quantlab.engine.kernels.attention_decode import paged_decode
 from quantlab.engine.kernels.attention_prefill import paged_prefill
+from quantlab.engine.kernels.timing import copies_for
 from quantlab.formats.fp8 import cast_saturating
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -66,7 +67,6 @@ def check_attention() -> list[dict]:
 
 def _decode_case(b, ctx, fp8):
     """Copies of a decode problem (enough to exceed L2) and a call factory over them."""
-    from kernels import copies_for
     k, v, tables, ks, vs = _paged(b, ctx, fp8)
     kv = [(k, v)] + [(k.clone(), v.clone()) for _ in range(copies_for(2 * k.numel() * k.element_size()) - 1)]
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
@@ -78,7 +78,7 @@ def _decode_case(b, ctx, fp8):
 
 
 def attention_section(deadline: float) -> dict:
-    from kernels import copies_for, gtime
+    from kernels import gtime
     sweep = []
     for ctx, b in ((32768, 16),):
         for fp8 in (False, True):

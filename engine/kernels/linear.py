@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
 
-from . import w4a16, w8a8
+from . import w4a16, w4a16_layout, w8a8
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def pack(weight: torch.Tensor | StoredLinear, dtype: torch.dtype,
     out_f, in_f = q.shape
     kind = _kind(weight)
     if kind == "w4a16":
-        tensors = w4a16.pack_w4(q.fmt, q.codes, q.scale, q.zero_point, q.global_scale)
+        tensors = w4a16_layout.pack_w4(q.fmt, q.codes, q.scale, q.zero_point, q.global_scale)
     elif kind.startswith("w8a8") and q.group_size is None:
         tensors = w8a8.pack_w8(q.codes, q.scale, q.per_tensor)
     else:
@@ -145,7 +145,7 @@ def dequantize_weight_ref(spec: LinearSpec, tensors: dict[str, torch.Tensor], dt
     if spec.kind == "dense":
         return tensors["weight"].to(dtype)
     if spec.kind == "w4a16":
-        codes, scale, zero_point = w4a16.unpack_w4(spec.weight_format, tensors)
+        codes, scale, zero_point = w4a16_layout.unpack_w4(spec.weight_format, tensors)
     elif spec.kind.startswith("w8a8"):
         codes, zero_point = tensors["weight"], None
         scale = tensors["weight_scale"][:, :1] if spec.per_tensor else tensors["weight_scale"].t()

@@ -1,93 +1,28 @@
 """W4A16: 4-bit weights (INT4 sym/asym, NVFP4, MXFP4) times 16-bit activations, one Triton family.
 
-Build-time layout (``pack_w4``), chosen so the kernel reads every weight byte once, coalesced along N:
-- ``qweight`` int32 [K/8, N]: 8 codes per word, INT4 codes stored +8 (0..15, as ``pack_int32``), E2M1 codes
-  as they are (sign in bit 3). Within each group of G weights along K (S = G/8 words), word ``g*S + i``
-  holds in nibble j (bits 4j..4j+3) the weight ``k = g*G + j*S + i``: a word's 8 weights share one group
-  (one scale), and nibble j of S consecutive words covers S consecutive k, so the activations the kernel
-  pairs with nibble j are contiguous (vector loads). ``formats.pack`` packs the permuted codes.
-- ``scales`` [K/group, N] in the checkpoint's scale dtype (bf16 for INT4, E4M3 for NVFP4, E8M0 uint8 for
-  MXFP4): the transpose of the stored scales, so a K-tile's scales are one contiguous row per group.
-- ``zeros`` int8 [K/group, N] (INT4 asym only): the transposed zero points.
-- ``global_scale`` float32 [1] (NVFP4 only): divides the accumulator once (it is per tensor).
-
-Kernel: ``y[m, n] = sum_k x[m, k] * w[k, n]`` with ``w`` dequantized per K-tile in registers and fed to
-``tl.dot`` in ``x``'s dtype. Small M (decode) uses BLOCK_M=16 (or a no-tensor-core GEMV form at M=1) with
+The weight layout is ``w4a16_layout``'s (built by ``linear.pack``); launch choices are ``w4a16_configs``'.
+Kernel: ``y[m, n] = sum_k x[m, k] * w[k, n]`` with ``w`` dequantized per K-tile in registers. Small M
+(decode) uses a tensor-core form (BLOCK_M=16) or, at M=1, a GEMV form without tensor cores, both with
 split-K (partials in float32, summed by the split that finishes last, in the same launch) so a batch-1
-GEMV still spreads over every SM; large M either runs the tiled
-kernel or dequantizes the weight once to ``x``'s dtype and calls cuBLAS (``Config.path == "dequant"``),
-whichever ``tune`` measured faster on the build's GPU.
+GEMV still spreads over every SM; larger M either runs a tiled form or dequantizes the weight once to
+``x``'s dtype and calls cuBLAS (``Config.path == "dequant"``), whichever ``tune`` measured faster on the
+build's GPU. The reference is ``linear.linear_ref`` (``formats.dequantize`` of ``w4a16_layout.unpack_w4``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import triton
 import triton.language as tl
 
-from quantlab.formats.pack import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
-from quantlab.formats.spec import get_spec
+from .timing import copies_for, graph_time_ms, m_bucket
+from .w4a16_configs import Config, candidate_configs, config_for, heuristic_config
 
-from .timing import copies_for, graph_time_ms, m_bucket, tuned_for
+__all__ = ["Config", "config_for", "dequantize_w4", "heuristic_config", "tune", "w4a16_matmul"]
 
 FMT_CODES = {"int4": 0, "int4_asym": 1, "nvfp4": 2, "mxfp4": 3}
-
-
-def pack_w4(fmt: str, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-            global_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The kernel's tensors from a QTensor's fields (codes unpacked [N, K], scales [N, K/group])."""
-    n, k = codes.shape
-    group = k // scale.shape[1]
-    codes = codes.reshape(n, k // group, 8, group // 8).transpose(2, 3).reshape(n, k)  # module docstring
-    if get_spec(fmt).family == "int":
-        words = pack_int32(codes, dim=1)
-    else:
-        words = pack_nibbles(codes).reshape(-1).view(torch.int32).reshape(codes.shape[0], -1)
-    out = {"qweight": words.t().contiguous(), "scales": scale.t().contiguous()}
-    if zero_point is not None:
-        out["zeros"] = zero_point.t().contiguous()
-    if global_scale is not None:
-        out["global_scale"] = global_scale.float().reshape(1)
-    return out
-
-
-def unpack_w4(fmt: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Inverse of ``pack_w4`` for the reference path: (codes [N, K], scale [N, K/group], zero_point)."""
-    words = tensors["qweight"].t().contiguous()
-    if get_spec(fmt).family == "int":
-        codes = unpack_int32(words, dim=1)
-    else:
-        codes = unpack_nibbles(words.reshape(-1).view(torch.uint8)).reshape(words.shape[0], -1)
-    n, k = codes.shape
-    group = k // tensors["scales"].shape[0]
-    codes = codes.reshape(n, k // group, group // 8, 8).transpose(2, 3).reshape(n, k)
-    zp = tensors.get("zeros")
-    return codes, tensors["scales"].t().contiguous(), None if zp is None else zp.t().contiguous()
-
-
-@dataclass(frozen=True)
-class Config:
-    """One launch configuration (what ``tune`` picks per M bucket and the engine stores)."""
-
-    path: str = "triton"  # or "dequant": dequantize once, then cuBLAS
-    block_m: int = 16
-    block_n: int = 64
-    block_k: int = 128
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 4
-
-
-def heuristic_config(m: int, n: int, k: int, sms: int = 132) -> Config:
-    """A fixed per-shape choice used when no tuned config is stored."""
-    if m <= 16:
-        block_n, block_k = 64, 256 if k >= 2048 else 128
-        tiles = triton.cdiv(n, block_n)
-        split = max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * block_k) or 1, 16))
-        return Config("triton", 16, block_n, block_k, split, 4, 4)
-    return Config("dequant")  # from M = 17 on: the tiled kernel measured 0.1-0.4x BF16 at M = 64-256
 
 
 @triton.jit
@@ -306,26 +241,6 @@ def _locks(device: torch.device, tiles: int) -> torch.Tensor:
     return have
 
 
-def candidate_configs(m: int, n: int, k: int) -> list[Config]:
-    """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
-    base = heuristic_config(m, n, k)
-    if m <= 16:  # the split is a run-time argument: 2 compilations cover these 8, plus the GEMV forms
-        out = [Config("triton", 16, bn, 256, sp, 4, 4) for bn in (64, 128) for sp in (1, 2, 4, 8)]
-        if m == 1:  # the GEMV form, in tiles that compile without spills (sm_90 SASS read offline)
-            out += [Config("triton", 1, bn, 256, sp, 4, 3) for bn in (64, 32) for sp in (1, 2, 4, 8)]
-    elif m <= 256:
-        # The H200 run of 2026-12-02 timed only the first three (split 1): 32 to 64 CTAs for 4K-wide
-        # layers, 0.1-0.4x BF16. Split-K tiles and the dequantize-then-cuBLAS path were added after it,
-        # from that run's M = 1024 figures (dequantizing costs about one weight pass); not yet timed.
-        out = [Config("triton", bm, bn, bk, sp, w, st) for bm, bn, bk, sp, w, st in (
-            (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (32, 64, 128, 4, 4, 4),
-            (64, 64, 128, 4, 4, 4), (64, 64, 128, 8, 4, 4))]
-        out.append(Config("dequant"))
-    else:
-        out = [Config("triton", 128, 128, 128, 1, 8, 3), Config("dequant")]
-    return [base] + [c for c in out if c != base]
-
-
 def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 64, 256, 1024, 4096),
          dtype: torch.dtype = torch.bfloat16, timings: list | None = None) -> dict[str, dict]:
     """Time the candidates on this GPU for each M bucket; {str(bucket): Config as dict} (build time).
@@ -350,10 +265,3 @@ def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 6
                 timings.append((m, asdict(cfg), t))
         choice[str(m_bucket(m))] = asdict(min(timed, key=lambda tc: tc[0])[1])
     return choice
-
-
-def config_for(configs: dict | None, m: int, n: int, k: int) -> Config:
-    """The stored config of the smallest tuned bucket >= ``m`` (else the largest), or the heuristic."""
-    cfg = tuned_for(configs, m)
-    return heuristic_config(m, n, k) if cfg is None else Config(**cfg)
-
