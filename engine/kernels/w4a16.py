@@ -234,7 +234,8 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 def _locks(device: torch.device, tiles: int) -> torch.Tensor:
     """Split-K arrival counters, zero between calls (the last split resets its tile's): allocated once per
-    device and grown when a launch has more tiles, so CUDA-graph replays reuse the same buffer."""
+    device and grown when a launch has more tiles, so CUDA-graph replays reuse the same buffer. Launches
+    that share them must not overlap, i.e. split-K W4A16 calls run on one stream per device (the engine's)."""
     have = _LOCKS.get(device)
     if have is None or have.numel() < tiles:
         _LOCKS[device] = have = torch.zeros(max(tiles, 1 << 16), device=device, dtype=torch.int32)

@@ -9,7 +9,7 @@ puts the originals back afterwards, so the rest of the suite sees the modules it
 
 Known limit of the interpreter (triton 3.9): ``tl.dot`` on bfloat16 operands returns garbage on the CPU,
 so the tensor-core kernels are checked here with float16 activations (the same code with the other 16-bit
-dtype); bfloat16 is checked on the GPU by bench/kernels.py's correctness pass.
+dtype); bfloat16 is checked on the GPU by test_gpu.py (marked gpu) and bench/kernels.py's correctness pass.
 """
 
 from __future__ import annotations
