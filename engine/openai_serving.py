@@ -84,7 +84,8 @@ async def respond(state: ServerState, request: Request, body, prompts: list, cha
             raise HTTPError(408, f"the request did not finish within --request-timeout {timeout} s") from None
         if fan.closed:  # the client left before the response started: nobody reads this
             return Response(status_code=499)
-        reply = _Reply(fan, body, chat, len(prompts), state.model_name, state.llm.tokenizer)
+        reply = _Reply(fan, body, chat, len(prompts), state.model_name, state.llm.tokenizer,
+                       abort=lambda: asyncio.shield(state.abort_soon(fan)))
         if not body.stream:
             return JSONResponse(reply.full())
         streaming = True
@@ -128,8 +129,9 @@ def sse(obj) -> str:
 class _Reply:
     """The response body (whole or as stream chunks) from a Fanout's outputs."""
 
-    def __init__(self, fan: Fanout, body, chat: bool, num_prompts: int, model: str, tokenizer):
+    def __init__(self, fan: Fanout, body, chat: bool, num_prompts: int, model: str, tokenizer, abort):
         self.fan, self.body, self.chat, self.model, self.tokenizer = fan, body, chat, model, tokenizer
+        self.abort = abort  # awaited before an error event, so the blocks are back before the client hears
         self.num_prompts, self.n = num_prompts, body.n
         self.rid = fan.ids[0].rsplit("-", 1)[0]
         self.obj = "chat.completion" if chat else "text_completion"
@@ -184,10 +186,13 @@ class _Reply:
             if self.body.include_usage:
                 yield self._chunk([], usage=self.usage())
         except TimeoutError:
+            await self.abort()
             yield sse(fmt.error_body(f"the request did not finish within --request-timeout {timeout} s", 408))
         except QuantlabError as e:
+            await self.abort()
             yield sse(fmt.error_body(str(e), 400))
         except Exception:
             log.exception("a streaming request failed")
-            yield sse(fmt.error_body("internal server error; see the server log", 500))
+            await self.abort()
+            yield sse(fmt.error_body("internal server error; the server log has the details", 500))
         yield "data: [DONE]\n\n"

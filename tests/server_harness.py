@@ -35,3 +35,25 @@ def running_server(async_llm, settings: ServerSettings | None = None, startup_ti
         server.should_exit = True
         thread.join(timeout=30)
         assert not thread.is_alive(), "the server did not stop within 30 s"
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """GET /metrics as {'name{label="v",...}': value} over every sample (the model_name label left out)."""
+    import httpx2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx2.get(base_url + "/metrics", timeout=30).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "model_name")
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+def wait_until(condition, timeout: float = 2.0, what: str = "condition") -> None:
+    """Poll `condition()` every 5 ms; fail the test with `what` if it is still false after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout} s"
+        time.sleep(0.005)
