@@ -26,13 +26,16 @@ class Fanout:
         base_id: the HTTP request's id.
         jobs: (prompt, SamplingParams) per choice, in choice order.
         priority: vLLM's priority (lower is served first).
+        n: choices per prompt (jobs come prompt by prompt); a prompt's tokens are counted once, as OpenAI's
+            usage and vLLM's prompt_tokens_total count them, however many samples are drawn from it.
     """
 
-    def __init__(self, async_llm, metrics: ServerMetrics, base_id: str, jobs: list, priority: int):
+    def __init__(self, async_llm, metrics: ServerMetrics, base_id: str, jobs: list, priority: int, n: int = 1):
         self._llm = async_llm
         self.ids = [f"{base_id}-{k}" for k in range(len(jobs))]
-        self.seqs = [metrics.sequence() for _ in jobs]
+        self.seqs = [metrics.sequence(count_prompt=k % n == 0) for k in range(len(jobs))]
         self.last: list = [None] * len(jobs)
+        self.refused = [False] * len(jobs)  # the engine raised instead of running it: not an abort
         self.closed = False
         self._queue: asyncio.Queue = asyncio.Queue()
         self._open = len(jobs)
@@ -44,6 +47,7 @@ class Fanout:
             async for out in outputs:
                 self._queue.put_nowait((k, out))
         except Exception as e:  # surfaced to the handler by next(); QuantlabError means a bad request
+            self.refused[k] = True
             self._queue.put_nowait((k, e))
         finally:
             self._queue.put_nowait((k, _END))
@@ -55,6 +59,8 @@ class Fanout:
         """
         while self._open and not self.closed:
             k, item = await self._queue.get()
+            if self.closed:  # outputs queued before an abort are not delivered (and not counted twice)
+                break
             if item is _END:
                 self._open -= 1
             elif isinstance(item, BaseException):
@@ -83,8 +89,8 @@ class Fanout:
         self.closed = True
         for task in self._tasks:
             task.cancel()
-        for rid, seq in zip(self.ids, self.seqs):
-            if not seq.done:
+        for rid, seq, refused in zip(self.ids, self.seqs, self.refused):
+            if not seq.done and not refused:
                 seq.abort()
                 await self._llm.abort(rid)
         self._queue.put_nowait((0, None))

@@ -81,15 +81,15 @@ class ServerMetrics:
         """The Prometheus text exposition of everything above."""
         return generate_latest(self.registry)
 
-    def sequence(self) -> SequenceMetrics:
-        return SequenceMetrics(self)
+    def sequence(self, count_prompt: bool = True) -> SequenceMetrics:
+        return SequenceMetrics(self, count_prompt)
 
 
 class SequenceMetrics:
     """Feeds the server metrics from one engine request's cumulative outputs (one sequence, n=1)."""
 
-    def __init__(self, metrics: ServerMetrics):
-        self._m = metrics
+    def __init__(self, metrics: ServerMetrics, count_prompt: bool = True):
+        self._m, self._count_prompt = metrics, count_prompt
         self.num_tokens = 0
         self.prompt_tokens = 0
         self.finish_reason: str | None = None
@@ -103,10 +103,13 @@ class SequenceMetrics:
     def output(self, out) -> None:
         """Count the tokens new in `out` (a RequestOutput) and, when it is the last, its latencies."""
         now = time.monotonic()
+        if self.done:
+            return
         if not self._admitted:
             self._admitted = True
             self.prompt_tokens = len(out.prompt_token_ids)
-            self._m.prompt_tokens.inc(self.prompt_tokens)
+            if self._count_prompt:
+                self._m.prompt_tokens.inc(self.prompt_tokens)
         completion = out.outputs[0]
         new = len(completion.token_ids) - self.num_tokens
         if new > 0:

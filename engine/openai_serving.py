@@ -67,7 +67,7 @@ async def respond(state: ServerState, request: Request, body, prompts: list, cha
     params = body.to_sampling_params()
     jobs = [(p, replace(params, seed=s)) for p in prompts for s in body.seeds()]
     state.admit(body.model, len(jobs))
-    fan = Fanout(state.llm, state.metrics, fmt.new_id("chatcmpl" if chat else "cmpl"), jobs, body.priority)
+    fan = Fanout(state.llm, state.metrics, fmt.new_id("chatcmpl" if chat else "cmpl"), jobs, body.priority, body.n)
     timeout = state.settings.request_timeout
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     watcher = asyncio.create_task(_abort_on_disconnect(request, state, fan))

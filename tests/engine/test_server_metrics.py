@@ -38,7 +38,7 @@ def test_counters_equal_what_was_sent():
         httpx2.post(base + "/v1/completions", json={"prompt": "x", "model": "nope"})
         m = scrape(base)
     stop_tokens = stopped.usage.completion_tokens
-    assert m["quantlab:prompt_tokens_total"] == 3 + 2 * 2 + 7 + 2 + 2
+    assert m["quantlab:prompt_tokens_total"] == 3 + 2 + 7 + 2 + 2  # n=2 counts its prompt once
     assert m["quantlab:generation_tokens_total"] == 4 + 3 * 2 + 5 + 6 + stop_tokens == llm.num_generated
     assert m['quantlab:request_success_total{finished_reason="length"}'] == 5
     assert m['quantlab:request_success_total{finished_reason="stop"}'] == 1
