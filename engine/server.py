@@ -14,7 +14,10 @@ import contextlib
 import logging
 import signal
 import socket
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -185,3 +188,29 @@ def serve(async_llm, settings: ServerSettings, sock: socket.socket | None = None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def background_server(async_llm, settings: ServerSettings | None = None, log_level: str = "warning",
+                      startup_timeout: float = 60.0) -> Iterator[tuple[str, ServerState]]:
+    """Serve on a free loopback port from a background thread (bench, tests); yield (base URL, state).
+
+    On exit the server shuts down as on SIGTERM (grace period, then abort) and the thread is joined.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = make_server(async_llm, replace(settings or ServerSettings(grace_period=2.0), port=port), log_level)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="quantlab-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ServeError(f"the server did not start within {startup_timeout:.0f} s")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", server.config.app.state.serving
+    finally:
+        server.should_exit = True
+        thread.join(timeout=(settings or ServerSettings(grace_period=2.0)).grace_period + 30)

@@ -1,40 +1,26 @@
-"""Run the HTTP server in a background thread on a free loopback port, for the length of a test."""
+"""The HTTP server on a free loopback port for the length of a test, and reading its /metrics."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 
-from quantlab.engine.server import ServerSettings, make_server
+from quantlab.engine.server import ServerSettings, background_server
 
 
 def free_socket() -> socket.socket:
+    """A bound loopback socket; its port is free for a ServerSettings that background_server rebinds."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
 
 
 @contextlib.contextmanager
-def running_server(async_llm, settings: ServerSettings | None = None, startup_timeout: float = 20.0):
-    """Yield (base_url, server state); the server is stopped (gracefully) and joined afterwards."""
-    sock = free_socket()
-    settings = settings or ServerSettings(port=sock.getsockname()[1], grace_period=2.0)
-    server = make_server(async_llm, settings, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server.config.app.state.serving
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the server did not stop within 30 s"
+def running_server(async_llm, settings: ServerSettings | None = None):
+    """Yield (base_url, server state) of a server on a free port; stopped gracefully afterwards."""
+    with background_server(async_llm, settings) as (url, state):
+        yield url, state
 
 
 def scrape(base_url: str) -> dict[str, float]:

@@ -10,7 +10,7 @@ import pytest
 
 from fake_async_llm import FakeAsyncLLM
 from quantlab.engine.server import ServerSettings
-from server_harness import free_socket, running_server
+from server_harness import running_server
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,7 @@ def test_openai_client_raises_its_typed_errors(url):
 
 def test_queue_full_is_429():
     llm = FakeAsyncLLM(max_batch_size=1, step_time=0.05)
-    sock = free_socket()
-    settings = ServerSettings(port=sock.getsockname()[1], max_queue=2)
+    settings = ServerSettings(max_queue=2)
     with running_server(llm, settings) as (base, state):
         async def burst():
             async with httpx2.AsyncClient(base_url=base, timeout=30) as c:
@@ -101,8 +100,7 @@ def test_queue_full_is_429():
 
 def test_request_timeout_is_408_and_frees_blocks():
     llm = FakeAsyncLLM(step_time=0.05)
-    sock = free_socket()
-    with running_server(llm, ServerSettings(port=sock.getsockname()[1], request_timeout=0.3)) as (base, _):
+    with running_server(llm, ServerSettings(request_timeout=0.3)) as (base, _):
         err = _error(_post(base, "/v1/completions", {"prompt": "slow", "max_tokens": 50}), 408)
         assert "request-timeout" in err["message"]
         with httpx2.stream("POST", base + "/v1/completions", json={"prompt": "slow", "max_tokens": 50, "stream": True},

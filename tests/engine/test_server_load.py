@@ -16,7 +16,7 @@ import pytest
 from engine_helpers import build
 from fake_async_llm import FakeAsyncLLM
 from quantlab.engine.server import ServerSettings
-from server_harness import free_socket, running_server, scrape, wait_until
+from server_harness import running_server, scrape, wait_until
 
 NUM_REQUESTS, CONCURRENCY, MAX_TOKENS = 1000, 64, 8
 # (body, expected status): each malformed kind the server must refuse with a named reason.
@@ -113,8 +113,7 @@ def engine(request):
 
 def test_thousand_requests_with_disconnects_and_malformed_leave_nothing_behind(engine):
     llm, check_integrity = engine
-    sock = free_socket()
-    settings = ServerSettings(port=sock.getsockname()[1], max_queue=4 * CONCURRENCY, grace_period=2)
+    settings = ServerSettings(max_queue=4 * CONCURRENCY, grace_period=2)
     plan = _plan(random.Random(0))
     with running_server(llm, settings) as (base, state):
         start = time.monotonic()
