@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import datetime
 import platform
+import shlex
+import sys
 from dataclasses import asdict, dataclass
 
 from quantlab.atomic import atomic_directory, check_output
@@ -118,7 +120,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             else:
                 timings, duration, kv = asyncio.run(run_online(url, model, reqs, c, rate, cfg.workload.seed, cfg.progress))
             points.append(_point(label, c, rate, timings, duration, kv))
-    report = {"settings": {**{k: v for k, v in asdict(cfg).items() if k != "workload"}, **asdict(cfg.workload)},
+    settings = {**{k: v for k, v in asdict(cfg).items() if k != "workload"}, **asdict(cfg.workload)}
+    report = {"command": shlex.join(["quantlab", *sys.argv[1:]]), "settings": settings,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "device": _device_name(facts["device"]), "engine": {k: v for k, v in facts.items() if k != "special_ids"},
               "points": points, "baseline": _baseline(cfg, facts, reqs, points)}

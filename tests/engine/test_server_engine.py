@@ -68,3 +68,37 @@ def test_client_leaving_returns_blocks_to_the_engine(served):
 def test_overlong_prompt_is_refused_with_400(served):
     r = httpx2.post(served[0] + "/v1/completions", json={"prompt": list(range(3, 200))}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_quantlab_serve_cli_answers_then_exits_0_on_sigterm(engine_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from server_harness import free_socket
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [sys.executable, "-c", "import sys; from quantlab.cli import main; sys.argv[0] = 'quantlab'; main()",
+           "serve", str(engine_dir), "--port", str(port), "--grace-period", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            return httpx2.get(base + "/health", timeout=1).status_code == 200
+        except httpx2.TransportError:
+            return False
+
+    try:
+        wait_until(up, timeout=60, what="quantlab serve up")
+        r = httpx2.post(base + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 3, "ignore_eos": True}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert r.json()["model"] == engine_dir.name
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
