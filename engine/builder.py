@@ -113,10 +113,10 @@ def build_engine(source: str, output: str | Path, options: BuildOptions, *, over
     """
     start = time.perf_counter()
     src = open_source(source)
-    shape = model_shape(src.config, options.max_seq_len)
     digest = src.digest()
     if isinstance(src, CheckpointSource) and not skip_gates:
         check_promotion(src.path, digest)
+    shape = model_shape(src.config, options.max_seq_len)
     device, dtype = _device(options.device), _DTYPES[options.dtype]
     kv_dtype = _kv_dtype(options.kv_cache_dtype, src)
     specs: dict[str, LinearSpec] = {}

@@ -126,6 +126,9 @@ def evaluate(
     raise typer.Exit(code)
 
 
+from . import cli_engine  # noqa: E402,F401  (registers build, generate, verify, keygen, run)
+
+
 def main() -> None:
     """Console entry point."""
     app(prog_name="quantlab")
