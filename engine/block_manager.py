@@ -96,6 +96,8 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Extend the table to hold `num_tokens` slots; False (and nothing changed) if the pool is short."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:  # the common decode step: the last block still has room
+            return True
         if need > self.num_free_blocks:
             return False
         seq.block_table.extend(self._take() for _ in range(need))

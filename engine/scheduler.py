@@ -128,13 +128,12 @@ class Scheduler:
         chunks: dict[str, ScheduledSeq] = {}
         preempted: list[Sequence] = []
         by_rank = sorted(self.running, key=self._rank)
-        remaining = lambda s: s.num_tokens - s.num_computed_tokens  # noqa: E731
-        for seq in [s for s in by_rank if remaining(s) == 1] + [s for s in by_rank if remaining(s) > 1]:
+        for seq in [s for s in by_rank if _remaining(s) == 1] + [s for s in by_rank if _remaining(s) > 1]:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted for an earlier one this step
                 continue
-            n = min(remaining(seq), budget)
+            n = min(_remaining(seq), budget)
             while not self.block_manager.grow(seq, seq.num_computed_tokens + n):
                 assert self.config.policy == "max_utilization", f"{seq!r} outgrew its reservation"
                 victim = max(self.running, key=self._rank)
@@ -198,3 +197,8 @@ class Scheduler:
     def _rank(self, seq: Sequence) -> tuple[int, float, int]:
         """Scheduling order: more important first, then earlier arrival; the last one is preempted first."""
         return seq.priority, seq.arrival_time, self._arrival_order[seq.request_id]
+
+
+def _remaining(seq: Sequence) -> int:
+    """Tokens not yet in the cache: 1 for a decode, more for a prompt (or a resumed sequence) in prefill."""
+    return seq.num_tokens - seq.num_computed_tokens

@@ -128,6 +128,16 @@ def test_guaranteed_no_evict_reserves_whole_lives_and_max_utilization_admits_mor
     assert utilization.scheduler.num_running == 6  # 2 blocks each for the prompt alone
 
 
+def test_max_batch_size_caps_the_running_set():
+    engine = Engine(num_blocks=64, policy="max_utilization", max_batch_size=2, max_num_tokens=64)
+    for i in range(5):
+        engine.scheduler.add(Sequence(f"r{i}", [i + 1] * 3, SamplingParams(max_tokens=4, ignore_eos=True)))
+    while engine.scheduler.has_unfinished():
+        engine.step()
+        assert engine.scheduler.num_running <= 2
+    assert max(len(out.scheduled) for out in engine.steps) == 2 and len(engine.steps) > 4
+
+
 def test_preemption_takes_lowest_priority_then_latest_arrival():
     engine = Engine(num_blocks=6, policy="max_utilization", max_num_tokens=64)
     params = SamplingParams(max_tokens=16, ignore_eos=True)
