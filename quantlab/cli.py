@@ -33,9 +33,6 @@ def _user_errors(fn):
     return wrapper
 
 
-from . import cli_serve  # noqa: E402,F401  (registers serve and bench; needs app and _user_errors above)
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -127,6 +124,7 @@ def evaluate(
 
 
 from . import cli_engine  # noqa: E402,F401  (registers build, generate, verify, keygen, run)
+from . import cli_serve  # noqa: E402,F401  (registers serve and bench)
 
 
 def main() -> None:
