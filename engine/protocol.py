@@ -5,7 +5,7 @@ Field names are OpenAI's, plus vLLM's extra sampling fields (`top_k`, `min_p`, `
 
 Unknown fields are rejected (400 naming the field) rather than ignored as vLLM does: a misspelt
 `max_token` silently falling back to the default is the kind of quiet mistake the recipe loader refuses
-too. OpenAI fields that change nothing here (`user`, `logit_bias` when empty) are accepted and ignored.
+too. A field sent as null takes its default. OpenAI fields that change nothing here (`user`, `logit_bias` when empty) are accepted and ignored.
 Ranges are checked by `SamplingParams` itself (one sentence naming the field), not duplicated here.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from quantlab.engine.sampling import SamplingParams
 from quantlab.errors import QuantlabError
@@ -30,6 +30,13 @@ class RequestFieldError(QuantlabError):
 class _Strict(BaseModel):
     # strict: "0.5" is not a number and 1.0 is not an integer (OpenAI rejects both too).
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """`"temperature": null` means "the default", as OpenAI and vLLM read it (some clients send every
+        field, unset ones as null, e.g. a replayed assistant message's `tool_calls: null`)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(_Strict):

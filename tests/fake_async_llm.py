@@ -6,6 +6,7 @@ by closing the iterator) frees the request's KV blocks at once; stats(); shutdow
 small pool with an integrity check, admission reserves prompt + max_tokens blocks (no preemption), and
 the step loop is an asyncio task with a configurable step time, so the server's timing, queueing and
 disconnect paths run for real. Tokens are a deterministic function of the prompt, seed and position.
+Its outputs are the engine's own dataclasses (quantlab.engine.outputs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from quantlab.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from quantlab.errors import EngineRequestError
 
 VOCAB = 200
@@ -26,48 +28,9 @@ def token_at(prompt_ids: list[int], position: int, seed: int | None) -> int:
     return (sum(prompt_ids) * 31 + position * 7 + (seed or 0) * 13) % (VOCAB - 1) + 1
 
 
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[dict[int, float]] | None
-
-
-@dataclass
-class RequestMetrics:
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finished_time: float | None = None
-    num_preemptions: int = 0
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: RequestMetrics
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_hits: int
-    prefix_cache_queries: int
-    num_preemptions_total: int
-    num_blocks_total: int
-    num_blocks_free: int
-
-
 class FakeTokenizer:
-    """One character per token: id i <-> the i-th printable character (so text and ids stay in step)."""
+    """One token per character each way; decode gives one letter (or a space) per id, so the text of n
+    tokens has n characters and streamed text deltas line up with token deltas."""
 
     eos_token_id = 0
 

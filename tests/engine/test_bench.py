@@ -99,3 +99,15 @@ def test_bench_cli_prints_the_table(engine_dir):
     assert "out tok/s" in r.output and "c=2" in r.output
     bad = CliRunner().invoke(app, ["bench", str(engine_dir), "--request-rate", "fast"])
     assert bad.exit_code == 2 and "--request-rate" in bad.output and "Traceback" not in bad.output
+
+
+def test_online_bench_against_a_running_server_url(engine_dir):
+    from quantlab.engine.async_llm import AsyncLLM
+    from quantlab.engine.server import background_server
+
+    cfg = dict(mode="online", engine_dir=str(engine_dir), workload=Workload(4, 4, 3), concurrency=(2,), progress=False)
+    with background_server(AsyncLLM.from_engine_dir(engine_dir)) as (url, _):
+        report = run_bench(BenchConfig(url=url, **cfg))
+    assert report["points"][0]["summary"]["output_tokens"] == 12 and report["points"][0]["summary"]["failed"] == 0
+    with pytest.raises(BenchError, match="no OpenAI-compatible server answers"):
+        run_bench(BenchConfig(url="http://127.0.0.1:9", **cfg))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx2
@@ -124,3 +125,22 @@ def test_models_lists_the_served_model(client, server):
     models = client.models.list()
     assert [m.id for m in models.data] == ["fake-model"]
     assert httpx2.get(server[0] + "/health").json() == {"status": "ok"}
+
+
+def test_priority_orders_the_queue():
+    llm = FakeAsyncLLM(max_batch_size=1, step_time=0.02)
+    with running_server(llm) as (url, _):
+        async def main():
+            async with httpx2.AsyncClient(base_url=url, timeout=30) as c:
+                busy = asyncio.create_task(c.post("/v1/completions", json={"prompt": "busy", "max_tokens": 10}))
+                await asyncio.sleep(0.1)  # "busy" holds the only batch slot; the next two queue behind it
+                done = []
+
+                async def send(name, priority):
+                    await c.post("/v1/completions", json={"prompt": name, "max_tokens": 2, "priority": priority})
+                    done.append(name)
+                late = asyncio.create_task(send("low", 5))
+                await asyncio.sleep(0.05)
+                await asyncio.gather(send("high", 0), late, busy)
+                return done
+        assert asyncio.run(main()) == ["high", "low"]

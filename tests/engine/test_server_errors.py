@@ -121,3 +121,12 @@ def test_engine_failure_is_500_without_traceback():
     with running_server(_BrokenLLM()) as (base, _):
         err = _error(_post(base, "/v1/completions", {"prompt": "x"}), 500)
         assert "secret" not in err["message"]
+
+
+def test_null_fields_take_their_defaults(url):
+    body = {"prompt": "x", "temperature": None, "max_tokens": None, "stop": None, "seed": None, "n": None}
+    r = _post(url, "/v1/completions", body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+    chat = {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "yo", "tool_calls": None, "refusal": None}], "max_tokens": 2}
+    assert _post(url, "/v1/chat/completions", chat).status_code == 200
