@@ -27,7 +27,7 @@ def run_hf(model_path: str, reqs: list[BenchRequest], batch_size: int, device: s
         raise BenchError(f"the HF baseline cannot run in dtype {dtype!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise BenchError(f"the HF baseline cannot load {model_path} ({str(e).splitlines()[0]}); name the float "
                          "model with --hf-model") from None
     pad = model.generation_config.pad_token_id
