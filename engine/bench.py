@@ -83,7 +83,8 @@ def _engine_facts(engine_dir: str) -> dict:
     cfg = EngineConfig.load(engine_dir)
     return {"vocab_size": cfg.model.vocab_size, "special_ids": set(cfg.model.eos_token_ids) | (
         set() if cfg.model.bos_token_id is None else {cfg.model.bos_token_id}), "device": cfg.target["device"],
-            "dtype": cfg.dtype, "source": cfg.source.get("path"), "max_batch_size": cfg.limits.max_batch_size}
+            "dtype": cfg.dtype, "kv_cache_dtype": cfg.kv_cache_dtype, "source": cfg.source.get("path"),
+            "max_batch_size": cfg.limits.max_batch_size}
 
 
 def _device_name(device: str) -> str:
@@ -94,9 +95,9 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
-def _point(label: str, concurrency, rate, timings, duration, kv) -> dict:
+def _point(label: str, concurrency, rate, timings, duration, samples) -> dict:
     return {"label": label, "concurrency": concurrency, "request_rate": rate,
-            "summary": summarize(timings, duration, kv), "requests": [asdict(t) for t in timings]}
+            "summary": summarize(timings, duration, samples), "requests": [asdict(t) for t in timings]}
 
 
 def _sweep(cfg: BenchConfig) -> list[tuple[int | None, float | None]]:
@@ -112,14 +113,15 @@ def run_bench(cfg: BenchConfig) -> dict:
     facts = _engine_facts(cfg.engine_dir)
     reqs = cfg.workload.requests(facts["vocab_size"], facts["special_ids"])
     points = []
-    with _engine_and_server(cfg) as (llm, url, model):
+    with _engine_and_server(cfg) as (llm, url, model, num_blocks):
+        facts["num_kv_blocks"] = num_blocks
         for c, rate in _sweep(cfg):
             label = (f"c={c or 'all'}" if rate is None else f"rate={rate:g}/s") + ("" if rate is None or c is None else f" c={c}")
             if cfg.mode == "offline":
-                timings, duration, kv = asyncio.run(run_offline(llm, reqs, c, cfg.workload.seed, cfg.progress))
+                timings, duration, samples = asyncio.run(run_offline(llm, reqs, c, cfg.workload.seed, cfg.progress))
             else:
-                timings, duration, kv = asyncio.run(run_online(url, model, reqs, c, rate, cfg.workload.seed, cfg.progress))
-            points.append(_point(label, c, rate, timings, duration, kv))
+                timings, duration, samples = asyncio.run(run_online(url, model, reqs, c, rate, cfg.workload.seed, cfg.progress))
+            points.append(_point(label, c, rate, timings, duration, samples))
     settings = {**{k: v for k, v in asdict(cfg).items() if k != "workload"}, **asdict(cfg.workload)}
     report = {"command": shlex.join(["quantlab", *sys.argv[1:]]), "settings": settings,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -135,7 +137,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 @contextlib.contextmanager
 def _engine_and_server(cfg: BenchConfig):
-    """(AsyncLLM or None, server URL or None, model name) for the run; everything started is stopped."""
+    """(AsyncLLM or None, server URL or None, model name, KV blocks or None if unknown) for the run;
+    everything started here is stopped afterwards."""
     if cfg.url is not None:
         import httpx2
 
@@ -143,20 +146,21 @@ def _engine_and_server(cfg: BenchConfig):
             model = httpx2.get(cfg.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
         except (httpx2.TransportError, ValueError, KeyError, IndexError) as e:
             raise BenchError(f"no OpenAI-compatible server answers at {cfg.url} ({type(e).__name__})") from None
-        yield None, cfg.url.rstrip("/"), model
+        yield None, cfg.url.rstrip("/"), model, None
         return
     from quantlab.engine.async_llm import AsyncLLM
 
     llm = AsyncLLM.from_engine_dir(cfg.engine_dir)
+    num_blocks = llm.stats().num_blocks_total
     try:
         if cfg.mode == "offline":
-            yield llm, None, llm.model_name
+            yield llm, None, llm.model_name, num_blocks
         else:
             from quantlab.engine.server import ServerSettings, background_server
 
             max_queue = max(cfg.workload.num_requests, 1)
             with background_server(llm, ServerSettings(max_queue=max_queue, grace_period=5.0)) as (url, _):
-                yield None, url, llm.model_name
+                yield None, url, llm.model_name, num_blocks
     finally:
         asyncio.run(llm.shutdown())
 

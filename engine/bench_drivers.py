@@ -3,7 +3,9 @@ server's streaming completions endpoint (online), timing every token as it arriv
 
 Offline, requests go in as fast as the engine takes them (up to `concurrency` in flight; None = all).
 Online, they start either `concurrency` at a time or at Poisson arrivals of `rate` per second, as
-`vllm bench serve` does; KV-cache usage is sampled alongside (engine stats or the server's /metrics).
+`vllm bench serve` does. Alongside, the engine's KV-cache usage and running-sequence count are sampled
+(engine stats offline, the server's /metrics online): what an FP8 KV cache buys at a fixed memory budget
+shows up as more sequences held at once.
 """
 
 from __future__ import annotations
@@ -49,13 +51,13 @@ async def _sample(read, into: list[float], stop: asyncio.Event) -> None:
 
 
 async def _sweep_point(one, reqs: list[BenchRequest], concurrency: int | None, rate: float | None, seed: int,
-                       read_kv, label: str, progress: bool) -> tuple[list[RequestTiming], float, list[float]]:
+                       read_engine, label: str, progress: bool) -> tuple[list[RequestTiming], float, list]:
     """Run `one(i, req, timing)` for every request under the concurrency cap and the arrival process."""
     gate = asyncio.Semaphore(concurrency or len(reqs))
     rng = random.Random(seed)
     timings = [RequestTiming(len(r.prompt_token_ids), r.output_len) for r in reqs]
-    bar, kv, stop = _Progress(len(reqs), label, progress), [], asyncio.Event()
-    sampler = asyncio.create_task(_sample(read_kv, kv, stop))
+    bar, samples, stop = _Progress(len(reqs), label, progress), [], asyncio.Event()
+    sampler = asyncio.create_task(_sample(read_engine, samples, stop))
 
     async def run(i: int, req: BenchRequest) -> None:
         async with gate:
@@ -77,11 +79,11 @@ async def _sweep_point(one, reqs: list[BenchRequest], concurrency: int | None, r
     stop.set()
     await sampler
     bar.close()
-    return timings, duration, kv
+    return timings, duration, samples
 
 
 async def run_offline(async_llm, reqs: list[BenchRequest], concurrency: int | None, seed: int, progress: bool):
-    """Every request through `async_llm.generate`; returns (timings, duration_s, kv_usage_samples)."""
+    """Every request through `async_llm.generate`; returns (timings, duration_s, (kv usage, running) samples)."""
 
     ids = itertools.count()
 
@@ -94,11 +96,12 @@ async def run_offline(async_llm, reqs: list[BenchRequest], concurrency: int | No
             seen = n
         t.e2e = time.perf_counter() - t.start
 
-    async def read_kv():
-        return async_llm.stats().kv_cache_usage
+    async def read_engine():
+        stats = async_llm.stats()
+        return stats.kv_cache_usage, stats.num_running
 
     label = f"offline c={concurrency or 'all'}"
-    return await _sweep_point(one, reqs, concurrency, None, seed, read_kv, label, progress)
+    return await _sweep_point(one, reqs, concurrency, None, seed, read_engine, label, progress)
 
 
 def _count(t: RequestTiming, now: float, last: float | None, new: int) -> float | None:
@@ -115,7 +118,7 @@ def _count(t: RequestTiming, now: float, last: float | None, new: int) -> float 
 
 async def run_online(url: str, model: str, reqs: list[BenchRequest], concurrency: int | None, rate: float | None,
                      seed: int, progress: bool):
-    """Every request as a streaming POST /v1/completions to `url`; returns (timings, duration_s, kv samples)."""
+    """Every request as a streaming POST /v1/completions to `url`; returns (timings, duration_s, samples)."""
     import httpx2
 
     limits = httpx2.Limits(max_connections=concurrency or len(reqs), max_keepalive_connections=concurrency or 64)
@@ -142,15 +145,16 @@ async def run_online(url: str, model: str, reqs: list[BenchRequest], concurrency
             if usage is not None:
                 t.output_tokens = usage["completion_tokens"]
 
-        async def read_kv():
+        async def read_engine():
             try:
                 text = (await client.get("/metrics")).text
             except httpx2.TransportError:
                 return None
-            for line in text.splitlines():
-                if line.startswith("quantlab:kv_cache_usage_perc"):
-                    return float(line.rsplit(" ", 1)[1])
-            return None
+            values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith(("quantlab:kv_cache_usage_perc", "quantlab:num_requests_running"))}
+            if len(values) < 2:
+                return None
+            return values["quantlab:kv_cache_usage_perc"], values["quantlab:num_requests_running"]
 
         label = f"online c={concurrency or 'all'} rate={rate if rate is not None else 'max'}"
-        return await _sweep_point(one, reqs, concurrency, rate, seed, read_kv, label, progress)
+        return await _sweep_point(one, reqs, concurrency, rate, seed, read_engine, label, progress)

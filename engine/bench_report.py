@@ -23,17 +23,17 @@ def _speedup(report: dict, label: str) -> str:
 def format_table(report: dict) -> str:
     """One row per sweep point (and the HF baseline rows), the numbers a reader compares first."""
     head = ["point", "req/s", "out tok/s", "total tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "e2e p50/p99 ms",
-            "KV max", "failed", "engine vs HF"]
+            "KV max", "seqs max", "failed", "engine vs HF"]
     rows = []
     for p in report["points"]:
         s = p["summary"]
         rows.append([p["label"], _num(s["requests_per_s"], "{:.2f}"), _num(s["output_tok_per_s"]),
                      _num(s["total_tok_per_s"]), f"{_ms(s['ttft_p50_s'])}/{_ms(s['ttft_p99_s'])}",
                      f"{_ms(s['itl_p50_s'])}/{_ms(s['itl_p99_s'])}", f"{_ms(s['e2e_p50_s'])}/{_ms(s['e2e_p99_s'])}",
-                     _num(s["kv_usage_max"], "{:.0%}"), str(s["failed"]), _speedup(report, p["label"])])
+                     _num(s["kv_usage_max"], "{:.0%}"), _num(s["running_max"], "{:.0f}"), str(s["failed"]), _speedup(report, p["label"])])
     for b in report.get("baseline", []):
         rows.append([f"HF generate b={b['batch_size']} ({b['engine_point']})", _num(b["requests_per_s"], "{:.2f}"),
-                     _num(b["output_tok_per_s"]), _num(b["total_tok_per_s"]), "-", "-", "-", "-", "-", "-"])
+                     _num(b["output_tok_per_s"]), _num(b["total_tok_per_s"]), "-", "-", "-", "-", "-", "-", "-"])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in [head] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

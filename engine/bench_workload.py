@@ -82,8 +82,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def summarize(timings: list[RequestTiming], duration: float, kv_usage: list[float]) -> dict:
-    """Throughput over the run's wall time and p50/p90/p99 of TTFT, inter-token latency, TPOT and e2e."""
+def summarize(timings: list[RequestTiming], duration: float, samples: list[tuple[float, int]]) -> dict:
+    """Throughput over the run's wall time, p50/p90/p99 of TTFT, inter-token latency, TPOT and e2e, and
+    the peak and mean of the sampled (KV-cache usage, running sequences)."""
+    kv_usage = [kv for kv, _ in samples]
     ok = [t for t in timings if t.error is None]
     out_tokens = sum(t.output_tokens for t in ok)
     in_tokens = sum(t.input_len for t in ok)
@@ -92,7 +94,8 @@ def summarize(timings: list[RequestTiming], duration: float, kv_usage: list[floa
               "total_tok_per_s": (in_tokens + out_tokens) / duration, "input_tokens": in_tokens,
               "output_tokens": out_tokens,
               "kv_usage_max": max(kv_usage, default=None),
-              "kv_usage_mean": sum(kv_usage) / len(kv_usage) if kv_usage else None}
+              "kv_usage_mean": sum(kv_usage) / len(kv_usage) if kv_usage else None,
+              "running_max": max((r for _, r in samples), default=None)}
     series = {"ttft": [t.ttft for t in ok if t.ttft is not None],
               "itl": [g for t in ok for g in t.itl],
               "tpot": [(t.e2e - t.ttft) / (t.output_tokens - 1) for t in ok if t.output_tokens > 1 and t.ttft is not None],

@@ -47,9 +47,9 @@ def test_percentile_matches_numpy():
 def test_summary_counts_tokens_and_throughput():
     t = [RequestTiming(10, 4, ttft=0.1, e2e=0.4, output_tokens=4, itl=[0.1, 0.1, 0.1]),
          RequestTiming(6, 4, error="boom")]
-    s = summarize(t, 2.0, [0.5, 0.25])
+    s = summarize(t, 2.0, [(0.5, 3), (0.25, 7)])
     assert (s["completed"], s["failed"], s["output_tok_per_s"], s["total_tok_per_s"]) == (1, 1, 2.0, 7.0)
-    assert s["tpot_p50_s"] == pytest.approx(0.1) and s["kv_usage_max"] == 0.5
+    assert s["tpot_p50_s"] == pytest.approx(0.1) and (s["kv_usage_max"], s["kv_usage_mean"], s["running_max"]) == (0.5, 0.375, 7)
 
 
 def test_offline_bench_times_every_token_and_writes_the_report(engine_dir, tmp_path):
@@ -62,7 +62,8 @@ def test_offline_bench_times_every_token_and_writes_the_report(engine_dir, tmp_p
         s = p["summary"]
         assert (s["completed"], s["failed"], s["output_tokens"], s["input_tokens"]) == (12, 0, 72, 96)
         assert all(r["ttft"] > 0 and len(r["itl"]) == 5 and r["e2e"] >= r["ttft"] for r in p["requests"])
-        assert s["kv_usage_max"] is not None
+        assert s["kv_usage_max"] is not None and 0 <= s["running_max"] <= 8  # the engine's max_batch_size
+    assert report["engine"]["num_kv_blocks"] > 0 and report["engine"]["kv_cache_dtype"] == "bf16"
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["num_requests"] == 12 and len(saved["points"][1]["requests"]) == 12
     assert "c=4" in (out / "table.txt").read_text()
