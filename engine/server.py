@@ -175,16 +175,28 @@ def make_server(async_llm, settings: ServerSettings, log_level: str = "info") ->
     return _Server(config, app.state.serving)
 
 
-def serve(async_llm, settings: ServerSettings, sock: socket.socket | None = None) -> None:
+def serve(async_llm, settings: ServerSettings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully and return (exit code 0).
 
     uvicorn re-raises the signal it handled once it has shut down, to end the process the default way
     (exit status 143 for SIGTERM); a graceful, complete shutdown is a success, so the re-raise is caught.
+    The socket is bound here so that a port in use is one sentence (ServeError), not uvicorn's exit.
     """
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {settings.host}:{settings.port} ({e.strerror or e})") from None
     server = make_server(async_llm, settings)
+    logging.getLogger("uvicorn.error").info(  # uvicorn's logger: one format for every startup line
+        "serving %s at http://%s:%d (SIGTERM drains for up to %g s, then exits)",
+                server.config.app.state.serving.model_name, settings.host, sock.getsockname()[1], settings.grace_period)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.run(sockets=None if sock is None else [sock])
+        server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

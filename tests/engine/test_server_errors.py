@@ -10,7 +10,7 @@ import pytest
 
 from fake_async_llm import FakeAsyncLLM
 from quantlab.engine.server import ServerSettings
-from server_harness import running_server
+from server_harness import free_socket, running_server
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,15 @@ def test_null_fields_take_their_defaults(url):
     chat = {"messages": [{"role": "user", "content": "hi"},
                          {"role": "assistant", "content": "yo", "tool_calls": None, "refusal": None}], "max_tokens": 2}
     assert _post(url, "/v1/chat/completions", chat).status_code == 200
+
+
+def test_port_in_use_is_one_sentence():
+    from quantlab.engine.server import ServeError, serve
+
+    sock = free_socket()
+    sock.listen()
+    try:
+        with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{sock.getsockname()[1]}"):
+            serve(FakeAsyncLLM(), ServerSettings(port=sock.getsockname()[1]))
+    finally:
+        sock.close()
