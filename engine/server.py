@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from quantlab.engine import openai_format as fmt
 from quantlab.engine.openai_serving import HTTPError, ServerState, respond
-from quantlab.engine.protocol import ChatCompletionRequest, CompletionRequest
+from quantlab.engine.protocol import ChatCompletionRequest, CompletionRequest, RequestFieldError
 from quantlab.errors import EngineRequestError, QuantlabError
 
 log = logging.getLogger("quantlab.serve")
@@ -106,7 +106,12 @@ def create_app(async_llm, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prompt = async_llm.apply_chat_template(body.template_messages())
+        from jinja2 import TemplateError
+
+        try:
+            prompt = async_llm.apply_chat_template(body.template_messages())
+        except TemplateError as e:  # e.g. a template that insists roles alternate: the client's to fix
+            raise RequestFieldError(f"messages were refused by the model's chat template: {e}") from None
         return await respond(state, request, body, [prompt], chat=True)
 
     return app

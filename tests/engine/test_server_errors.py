@@ -142,3 +142,27 @@ def test_port_in_use_is_one_sentence():
             serve(FakeAsyncLLM(), ServerSettings(port=sock.getsockname()[1]))
     finally:
         sock.close()
+
+
+def _raise_exception(message):
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
+class _StrictTemplateLLM(FakeAsyncLLM):
+    """A chat template that refuses conversations not opening with the user, as many real ones do."""
+
+    def apply_chat_template(self, messages):
+        from jinja2 import Environment
+
+        env = Environment()
+        env.globals["raise_exception"] = _raise_exception
+        template = "{% if messages[0].role != 'user' %}{{ raise_exception('roles must start with user') }}{% endif %}"
+        return env.from_string(template).render(messages=messages)
+
+
+def test_chat_template_refusal_is_400():
+    with running_server(_StrictTemplateLLM()) as (base, _):
+        err = _error(_post(base, "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}), 400)
+        assert "roles must start with user" in err["message"] and err["param"] == "messages"
