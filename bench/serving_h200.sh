@@ -5,9 +5,12 @@
 #
 #   bench/serving_h200.sh source              random Llama-3-8B-shaped HF model (bf16, 16 GB) in $W/src
 #   bench/serving_h200.sh checkpoints         RTN checkpoints of it: fp8 (W8A8 + FP8 KV), int8, w4a16, nvfp4 (weights)
-#   bench/serving_h200.sh build NAME          engine $W/eng-NAME (NAME: bf16 fp8 int8 w4a16 nvfp4)
+#   bench/serving_h200.sh build NAME          engine $W/eng-NAME (NAME: bf16 fp8 int8 w4a16 nvfp4, and
+#                                             bf16kv8 = bf16 weights with an FP8 KV cache, for KV at a fixed budget)
 #   bench/serving_h200.sh offline NAME SHAPE  offline sweep at 1,16,64,256 concurrent (SHAPE: 512x128 1000x1000 4096x256)
 #   bench/serving_h200.sh online NAME         Poisson-rate sweep at 512x128 through the HTTP server
+#   (FP8 against BF16 KV at one memory budget: `offline bf16 4096x256` beside `offline bf16kv8 4096x256`;
+#   both engines get the same kv_cache_memory_fraction, so compare "seqs max" and out tok/s at c=256.)
 #
 # The HF baseline (transformers generate, same device and dtype, same prompts) runs beside the bf16
 # engine at 512x128 only: at 4096 in and batch 256 its un-paged KV cache alone would exceed the GPU.
@@ -29,11 +32,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 # over the full 128,256-id vocabulary so every id detokenizes.
 cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-                  rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
-                  torch_dtype="bfloat16")
+                  rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)
 torch.manual_seed(0)
+torch.set_default_dtype(torch.bfloat16)
 with torch.device("cuda"):
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = LlamaForCausalLM(cfg)
 model.save_pretrained(sys.argv[1])
 tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(cfg.vocab_size)}, unk_token="t0"))
 tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -50,10 +53,11 @@ checkpoints)
   done
   ;;
 build)
-  name=$2
-  src="$W/ckpt-$name"; [ "$name" = bf16 ] && src="$W/src"
+  name=$2; src="$W/ckpt-$name"; kv=()
+  [ "$name" = bf16 ] && src="$W/src"
+  [ "$name" = bf16kv8 ] && src="$W/src" && kv=(--kv-cache-dtype fp8_e4m3)
   $QL build "$src" --output "$W/eng-$name" --max-batch-size 256 --max-seq-len 5120 --max-num-tokens 8192 \
-    --device cuda --skip-gates --overwrite
+    --device cuda --skip-gates --overwrite "${kv[@]}"
   ;;
 offline)
   name=$2; shape=$3; in=${shape%x*}; out=${shape#*x}
@@ -71,5 +75,5 @@ online)
     --request-rate 1,4,16,64,inf --output "$OUT/online-$name-512x128" --overwrite
   ;;
 *)
-  sed -n '2,16p' "$0"; exit 2 ;;
+  sed -n '2,20p' "$0"; exit 2 ;;
 esac
