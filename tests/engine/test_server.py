@@ -129,18 +129,23 @@ def test_models_lists_the_served_model(client, server):
 
 def test_priority_orders_the_queue():
     llm = FakeAsyncLLM(max_batch_size=1, step_time=0.02)
+
+    async def until(condition):
+        while not condition():
+            await asyncio.sleep(0.005)
+
     with running_server(llm) as (url, _):
         async def main():
             async with httpx2.AsyncClient(base_url=url, timeout=30) as c:
-                busy = asyncio.create_task(c.post("/v1/completions", json={"prompt": "busy", "max_tokens": 10}))
-                await asyncio.sleep(0.1)  # "busy" holds the only batch slot; the next two queue behind it
                 done = []
 
-                async def send(name, priority):
-                    await c.post("/v1/completions", json={"prompt": name, "max_tokens": 2, "priority": priority})
+                async def send(name, priority, max_tokens=2):
+                    await c.post("/v1/completions", json={"prompt": name, "max_tokens": max_tokens, "priority": priority})
                     done.append(name)
-                late = asyncio.create_task(send("low", 5))
-                await asyncio.sleep(0.05)
-                await asyncio.gather(send("high", 0), late, busy)
+                busy = asyncio.create_task(send("busy", 0, 20))  # holds the only batch slot
+                await until(lambda: llm.stats().num_running == 1)
+                low = asyncio.create_task(send("low", 5))  # queues first ...
+                await until(lambda: llm.stats().num_waiting == 1)
+                await asyncio.gather(send("high", 0), low, busy)  # ... but "high" is served before it
                 return done
-        assert asyncio.run(main()) == ["high", "low"]
+        assert asyncio.run(main()) == ["busy", "high", "low"]

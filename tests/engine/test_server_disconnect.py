@@ -19,9 +19,9 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks_within_a_step():
             events = (line for line in r.iter_lines() if line.startswith("data: "))
             assert [next(events) for _ in range(3)][-1] != "data: [DONE]"
             assert llm.stats().num_blocks_free < llm.num_blocks, "a streaming request holds blocks"
-        # a few steps of slack for the loopback close to reach the server; 80 tokens would take 1.6 s
-        wait_until(lambda: llm.stats().num_blocks_free == llm.num_blocks, timeout=5 * STEP + 0.2, what="blocks freed")
-        assert llm.num_aborted == 1 and llm.num_generated < 80
+        # slack for a loaded shared CPU; the whole request would take 80 steps (1.6 s) more
+        wait_until(lambda: llm.stats().num_blocks_free == llm.num_blocks, timeout=1.0, what="blocks freed")
+        assert llm.num_aborted == 1 and llm.num_generated < 80, "aborted, not run to its end"
         llm.check_integrity()
         wait_until(lambda: scrape(base).get('quantlab:request_success_total{finished_reason="abort"}') == 1.0,
                    what="the abort counted")

@@ -82,14 +82,14 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0():
 
 
 def test_sigterm_aborts_what_outlives_the_grace_period_and_exits_0():
-    proc, base = _start(grace=0.5, step=0.05)
+    proc, base = _start(grace=0.5, step=0.1)
     events: list[str] = []
-    t = _stream_in_thread(base, 80, events)  # about 4 s of tokens
+    t = _stream_in_thread(base, 80, events)  # about 8 s of tokens, well past the grace period
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert time.monotonic() - start < 3, "shutdown took longer than the grace period and a margin"
+    assert time.monotonic() - start < 5, "shutdown took longer than the grace period and a margin"
     t.join(timeout=10)
     assert events[-1] != "data: [DONE]"
     final = json.loads(out.strip().splitlines()[-1])
