@@ -41,7 +41,8 @@ def _build(source: str, output: Path, options, overwrite: bool, skip_gates: bool
 
     s = build_engine(source, output, options, overwrite=overwrite, skip_gates=skip_gates, sign_key=sign_key)
     c = s.config
-    fused = "" if not c.fusion else f"; unfused: {', '.join(sorted(c.fusion))}"
+    fused = "" if not c.fusion else \
+        f"; {len(c.fusion)} projections stored unfused (engine.json 'fusion' says why, e.g. {min(c.fusion.values())})"
     typer.echo(f"built {s.path} ({_human_bytes(s.bytes)}) in {s.seconds:.1f} s: {c.model.architecture}, {c.dtype}, "
                f"KV {c.kv_cache_dtype}, target {c.target['device']} {c.target['compute_capability']}"
                f"{', gates skipped' if c.skip_gates else ''}{fused}")
