@@ -24,26 +24,10 @@ mkdir -p "$W" "$OUT"
 
 case "${1:-}" in
 source)
-  python - "$W/src" <<'EOF'
-import sys, torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-# Llama-3-8B's shapes (config.json of meta-llama/Meta-Llama-3-8B); random weights, a word-level tokenizer
-# over the full 128,256-id vocabulary so every id detokenizes.
-cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-                  rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False)
-torch.manual_seed(0)
-torch.set_default_dtype(torch.bfloat16)
-with torch.device("cuda"):
-    model = LlamaForCausalLM(cfg)
-model.save_pretrained(sys.argv[1])
-tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(cfg.vocab_size)}, unk_token="t0"))
-tok.pre_tokenizer = pre_tokenizers.Whitespace()
-fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t128000", eos_token="t128001")
-fast.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<assistant>"
-fast.save_pretrained(sys.argv[1])
-EOF
+  # The engine stream's random Llama-3-8B-shaped BF16 model (bench/engine_speed.py), not a second copy.
+  python -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench')
+from engine_speed import SHAPE, write_random_llama
+write_random_llama(Path(sys.argv[1]), SHAPE)" "$W/src"
   ;;
 checkpoints)
   for pair in fp8:fp8-static int8:w8a8-int8 w4a16:w4a16-rtn nvfp4:nvfp4a16; do
