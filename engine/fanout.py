@@ -26,8 +26,8 @@ class Fanout:
         base_id: the HTTP request's id.
         jobs: (prompt, SamplingParams) per choice, in choice order.
         priority: vLLM's priority (lower is served first).
-        n: choices per prompt (jobs come prompt by prompt); a prompt's tokens are counted once, as OpenAI's
-            usage and vLLM's prompt_tokens_total count them, however many samples are drawn from it.
+        n: choices per prompt (jobs come prompt by prompt); a prompt's tokens are counted once in
+            prompt_tokens_total, as OpenAI's usage counts them, however many samples are drawn from it.
     """
 
     def __init__(self, async_llm, metrics: ServerMetrics, base_id: str, jobs: list, priority: int, n: int = 1):
