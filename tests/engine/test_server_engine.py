@@ -102,3 +102,18 @@ def test_quantlab_serve_cli_answers_then_exits_0_on_sigterm(engine_dir):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+
+
+def test_engine_counters_reach_metrics(served):
+    url, llm = served
+    before = scrape(url)
+    prompt = list(range(20, 33))  # 13 tokens: three full 4-token blocks to find in the prefix cache
+    for _ in range(2):
+        r = httpx2.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "ignore_eos": True}, timeout=30)
+        assert r.status_code == 200
+    after = scrape(url)
+    stats = llm.stats()
+    assert after["quantlab:prefix_cache_queries_total"] == stats.prefix_cache_queries > before["quantlab:prefix_cache_queries_total"]
+    assert after["quantlab:prefix_cache_hits_total"] == stats.prefix_cache_hits >= before["quantlab:prefix_cache_hits_total"] + 12
+    assert after["quantlab:prompt_tokens_total"] - before["quantlab:prompt_tokens_total"] == 26
+    assert after["quantlab:kv_cache_usage_perc"] == 0 and after["quantlab:num_requests_running"] == 0
