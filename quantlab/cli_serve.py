@@ -22,6 +22,12 @@ def _list(text: str | None, kind, flag: str) -> tuple:
         raise QuantlabError(f"{flag} takes comma-separated numbers (got {text!r})") from None
 
 
+def _levels(text: str | None) -> tuple[int | None, ...]:
+    """--concurrency: comma-separated integers, `all` meaning no limit (the default)."""
+    return tuple(None if c.strip() == "all" else _list(c, int, "--concurrency")[0]
+                 for c in (text or "all").split(",") if c.strip())
+
+
 @app.command()
 @_user_errors
 def serve(
@@ -67,8 +73,7 @@ def bench(
     from .engine.bench_report import format_table
     from .engine.bench_workload import Workload
 
-    levels = tuple(int(c) if c != "all" else None for c in (concurrency or "all").split(",") if c.strip())
-    cfg = BenchConfig(mode=mode, engine_dir=str(engine_dir), url=url, concurrency=levels,
+    cfg = BenchConfig(mode=mode, engine_dir=str(engine_dir), url=url, concurrency=_levels(concurrency),
                       workload=Workload(num_requests, input_len, output_len, range_ratio, seed),
                       request_rates=_list(request_rate, float, "--request-rate"), baseline=baseline,
                       hf_model=hf_model, output=output, overwrite=overwrite, progress=not quiet)

@@ -98,8 +98,9 @@ def test_bench_cli_prints_the_table(engine_dir):
                                  "--output-len", "3", "--concurrency", "2", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "out tok/s" in r.output and "c=2" in r.output
-    bad = CliRunner().invoke(app, ["bench", str(engine_dir), "--request-rate", "fast"])
-    assert bad.exit_code == 2 and "--request-rate" in bad.output and "Traceback" not in bad.output
+    for flag, value in (("--request-rate", "fast"), ("--concurrency", "1,many")):
+        bad = CliRunner().invoke(app, ["bench", str(engine_dir), flag, value])
+        assert bad.exit_code == 2 and flag in bad.output and "Traceback" not in bad.output
 
 
 def test_online_bench_against_a_running_server_url(engine_dir):
