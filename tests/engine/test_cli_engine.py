@@ -52,3 +52,40 @@ def test_verify_passes_against_own_source_and_fails_against_another(signed, tiny
     save_tiny(tmp_path / "other", seed=7)
     other = invoke("verify", signed / "eng", "--against", tmp_path / "other", "--num-prompts", "4", "--max-tokens", "8")
     assert other.exit_code == 3 and "FAIL" in other.output, other.output
+
+
+@pytest.fixture
+def recipe(make_checkpoint, tmp_path, monkeypatch):
+    """A recipe whose calibrate step copies a ready checkpoint (the loop, not calibration, is under test)."""
+    import shutil
+
+    import quantlab.cli
+    from quantlab.recipe.schema import SchemeGroup, WeightScheme
+
+    ckpt = make_checkpoint([SchemeGroup(("Linear",), WeightScheme("int4", "group", 32))])
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {ckpt}\noutput: {tmp_path / 'ckpt'}\nquantization:\n  schemes:\n    - targets: [Linear]\n"
+                    "      weights: {format: int4, granularity: group, group_size: 32}\nstages:\n  - rtn: {}\n"
+                    "build: {max_batch_size: 8, max_seq_len: 128, max_num_tokens: 64, tokens_per_block: 4, "
+                    "dtype: float32, device: cpu}\n")
+    monkeypatch.setattr(quantlab.cli, "calibrate", lambda recipe, **kw: shutil.copytree(ckpt, tmp_path / "ckpt"))
+    return path
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_run_builds_only_after_passing_gates(recipe, tmp_path, monkeypatch, passed):
+    import json
+
+    import quantlab.evaluation.run
+    from quantlab.checkpoint.digest import checkpoint_digest
+
+    def fake_eval(checkpoint, **kw):
+        (tmp_path / "ckpt" / "eval").mkdir()
+        (tmp_path / "ckpt" / "eval" / "report.json").write_text(
+            json.dumps({"checkpoint_digest": checkpoint_digest(checkpoint), "passed": passed}))
+        return "gates " + ("pass" if passed else "FAIL"), 0 if passed else 3
+
+    monkeypatch.setattr(quantlab.evaluation.run, "run_eval", fake_eval)
+    result = invoke("run", recipe)
+    assert result.exit_code == (0 if passed else 3), result.output
+    assert (tmp_path / "ckpt-engine" / "engine.json").is_file() == passed
