@@ -124,6 +124,7 @@ def evaluate(
 
 
 from . import cli_engine  # noqa: E402,F401  (registers build, generate, verify, keygen, run)
+from . import cli_serve  # noqa: E402,F401  (registers serve and bench)
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ class Stage:
     """One algorithm in the ordered stage list: a transform (smoothquant, awq) or a rounder (rtn, gptq).
 
     Attributes:
-        algorithm: a key of ``quantlab.algorithms.ALGORITHMS``.
+        algorithm: a key of ``quantlab.recipe.stages.ALGORITHMS``.
         params: that algorithm's parameter dataclass instance.
     """
 

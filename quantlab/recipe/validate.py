@@ -17,8 +17,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..algorithms import ALGORITHMS, ROUNDERS, TRANSFORMS, AWQParams, GPTQParams, SmoothQuantParams
 from ..formats import FORMATS, INT_GROUP_SIZES
+from .stages import ALGORITHMS, ROUNDERS, TRANSFORMS, AWQParams, GPTQParams, SmoothQuantParams
 from .schema import (
     ActivationScheme,
     BuildOptions,
