@@ -43,8 +43,10 @@ def _build(source: str, output: Path, options, overwrite: bool, skip_gates: bool
     c = s.config
     fused = "" if not c.fusion else \
         f"; {len(c.fusion)} projections stored unfused (engine.json 'fusion' says why, e.g. {min(c.fusion.values())})"
+    kv = c.kv_cache_dtype if c.kv_cache_dtype != "bf16" else f"{c.dtype} (unquantized)"
+    target = c.target["device"] if c.target["device"] == "cpu" else f"{c.target['device']} sm {c.target['compute_capability']}"
     typer.echo(f"built {s.path} ({_human_bytes(s.bytes)}) in {s.seconds:.1f} s: {c.model.architecture}, {c.dtype}, "
-               f"KV {c.kv_cache_dtype}, target {c.target['device']} {c.target['compute_capability']}"
+               f"KV {kv}, target {target}"
                f"{', gates skipped' if c.skip_gates else ''}{fused}")
 
 
