@@ -32,3 +32,11 @@ class CheckpointError(QuantlabError):
 
 class CalibrationError(QuantlabError):
     """Calibration cannot continue, e.g. NaN/inf appeared in a layer's activations or weights."""
+
+
+class SamplingError(QuantlabError):
+    """A sampling parameter is outside its allowed range; the message names the field and the range."""
+
+
+class EngineRequestError(QuantlabError):
+    """The engine cannot serve a request as asked, e.g. its prompt is empty or longer than the limits."""
