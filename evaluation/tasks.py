@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,13 +57,16 @@ def _numbers(task_results: dict) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval():
-    """Only lm-eval's errors, and no bar while it builds its requests.
+def _quiet_lm_eval(progress: bool):
+    """Only lm-eval's errors, no bar while it builds requests, and nothing of lm-eval's on stdout.
 
     lm-eval warns on every run that an in-memory model ignores model kwargs and that custom_dataset
-    takes --metadata (both expected here), and draws an unlabelled bar per task while building contexts
-    (``lm_eval.api.task`` calls tqdm with no way to turn it off), which reads as if the model ran.
+    takes --metadata (both expected here); it draws an unlabelled bar per task while building contexts
+    (``lm_eval.api.task`` calls tqdm with no way to turn it off), which reads as if a model ran; and it
+    prints "bootstrapping for stddev" to stdout, which belongs to quantlab's summary. Its prints go to
+    stderr; without ``progress`` its prints and bars go nowhere.
     """
+    import os
     from functools import partial
 
     import lm_eval.api.task as task_module
@@ -72,7 +76,9 @@ def _quiet_lm_eval():
     lm_logger.setLevel(logging.ERROR)
     task_module.tqdm = partial(bar, disable=True)
     try:
-        yield
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if progress else devnull), \
+                contextlib.redirect_stderr(sys.stderr if progress else devnull):
+            yield
     finally:
         lm_logger.setLevel(level)
         task_module.tqdm = bar
@@ -131,7 +137,7 @@ def run_tasks(
     import lm_eval
 
     manager = manager or task_manager(tasks)
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(progress):
         try:
             results = lm_eval.simple_evaluate(
                 model=_hflm(model, tokenizer, batch_size, progress), tasks=list(tasks), limit=limit,
