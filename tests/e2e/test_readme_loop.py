@@ -5,8 +5,9 @@ both offline lm-eval tasks at the recipe's limit of 50, gates) exit 0.
 
 Nothing is limited beyond the recipe; only ``--no-cache`` keeps the run from reading or leaving the
 original model's results in the user's cache, so the original is measured here too. On this project's
-2-core CPU machine the two commands take about 1.5 + 8 minutes when the machine is otherwise idle
-(docs/evaluation.md has the measured phase times), well inside CI's 90 minutes.
+2-core CPU machine, shared with other work (load average 6-10), the two commands took 329 s and 1,306 s
+(2026-12-02; docs/evaluation.md has the time of each phase); on an idle machine they take less. Either
+way well inside CI's 90 minutes.
 """
 
 from __future__ import annotations
