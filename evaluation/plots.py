@@ -57,16 +57,16 @@ def plot_nll_diff(diff: list[list[float | None]], path: Path) -> bool:
     return True
 
 
-def plot_kl_windows(window_kl: list[float], path: Path) -> bool:
-    """Histogram of the mean KL(P_orig || P_quant) of each evaluation window, mean marked: even damage
-    gives a narrow peak, damage concentrated in a few passages a long tail. False when there are none."""
+def plot_kl_windows(window_kl: list[float], mean_kl: float, path: Path) -> bool:
+    """Histogram of the mean KL(P_orig || P_quant) of each evaluation window, with the mean over all
+    scored tokens (the gated value) marked: even damage gives a narrow peak, damage concentrated in a
+    few passages a long tail. False when there are no windows."""
     if not window_kl:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     ax.hist(window_kl, bins=max(5, min(40, len(window_kl))), color="C0", alpha=0.8)
-    mean = sum(window_kl) / len(window_kl)
-    ax.axvline(mean, color="C3", linestyle="--", linewidth=1, label=f"mean of windows {mean:.4g}")
+    ax.axvline(mean_kl, color="C3", linestyle="--", linewidth=1, label=f"mean over all tokens {mean_kl:.4g}")
     ax.set_xlabel("KL(P_original ‖ P_quantized) per window (nats/token)")
     ax.set_ylabel("windows")
     ax.set_title(f"Per-window KL over {len(window_kl)} windows")

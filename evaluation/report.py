@@ -133,7 +133,7 @@ def write_report(data: dict, output: str | Path, overwrite: bool = False) -> Rep
         if data["kind"] == "eval":
             data["plots"] = {
                 "nll_diff": plot_nll_diff(data["token_nll_diff"], tmp / "nll_diff.png"),
-                "kl_windows": plot_kl_windows(data["per_window"]["kl"], tmp / "kl_windows.png"),
+                "kl_windows": plot_kl_windows(data["per_window"]["kl"], data["kl"], tmp / "kl_windows.png"),
                 "layer_error": plot_layer_errors(data.get("layers") or [], tmp / "layer_error.png"),
             }
             markdown = render_eval_md(data)
