@@ -138,6 +138,10 @@ def evaluate(
     raise typer.Exit(code)
 
 
+from . import cli_engine  # noqa: E402,F401  (registers build, generate, verify, keygen, run)
+from . import cli_serve  # noqa: E402,F401  (registers serve and bench)
+
+
 def main() -> None:
     """Console entry point."""
     app(prog_name="quantlab")

@@ -3,7 +3,8 @@ passes it explicitly to each stage; nothing here is global."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,19 @@ def to_device(obj, device: torch.device):
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False):
+    """Within the block, each ``(module, fn)`` pair's ``fn`` runs as a forward hook of its module (a
+    forward pre-hook with keyword arguments when ``pre``); every hook is removed on exit, also on error."""
+    handles = [m.register_forward_pre_hook(fn, with_kwargs=True) if pre else m.register_forward_hook(fn)
+               for m, fn in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -89,21 +103,16 @@ class LayerContext:
                 raise _Reached
 
         # Registered after any caller's hooks, so those see the input before the forward ends.
-        handles = [self.layer.get_submodule(n).register_forward_hook(lambda _m, _a, _o, n=n: reached(n)) for n in until]
         outs = []
-        try:
-            with torch.no_grad():
-                for h, kw in zip(self.inputs[:num_batches], self.kwargs[:num_batches]):
-                    waiting.update(until)
-                    try:
-                        out = self.layer(h.to(self.device), **to_device(kw, self.device))
-                    except _Reached:
-                        continue
-                    if not until:
-                        outs.append((out[0] if isinstance(out, tuple) else out).to(self.keep_on))
-        finally:
-            for handle in handles:
-                handle.remove()
+        with forward_hooks((self.layer.get_submodule(n), lambda _m, _a, _o, n=n: reached(n)) for n in until), torch.no_grad():
+            for h, kw in zip(self.inputs[:num_batches], self.kwargs[:num_batches]):
+                waiting.update(until)
+                try:
+                    out = self.layer(h.to(self.device), **to_device(kw, self.device))
+                except _Reached:
+                    continue
+                if not until:
+                    outs.append((out[0] if isinstance(out, tuple) else out).to(self.keep_on))
         return outs
 
     def run_and_trace(self, num_batches: int | None = None) -> list[torch.Tensor]:
@@ -115,13 +124,8 @@ class LayerContext:
         def watch(name: str, x: torch.Tensor) -> None:  # a forward hook's return value would replace the output
             first_input.setdefault(name, x)
 
-        handles = [lin.register_forward_hook(lambda _m, args, _o, n=name: watch(n, args[0]))
-                   for name, lin in self.targets.items()]
-        try:
+        with forward_hooks((lin, lambda _m, args, _o, n=name: watch(n, args[0])) for name, lin in self.targets.items()):
             outs = self.run(num_batches)
-        finally:
-            for handle in handles:
-                handle.remove()
         stages: list[list[str]] = []
         for name, x in first_input.items():  # dict order = call order
             stage = next((s for s in stages if first_input[s[0]] is x), None)
@@ -140,17 +144,11 @@ class LayerContext:
         """
         stride = -(-self.num_tokens // self.max_tokens)
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        handles = [
-            self.layer.get_submodule(n).register_forward_hook(
-                lambda _m, args, _out, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1])[::stride].float())
-            )
-            for n in names
-        ]
-        try:
+        def keep(name: str, x: torch.Tensor) -> None:
+            seen[name].append(x.detach().reshape(-1, x.shape[-1])[::stride].float())
+
+        with forward_hooks((self.layer.get_submodule(n), lambda _m, args, _out, n=n: keep(n, args[0])) for n in names):
             self.run(until=names)
-        finally:
-            for h in handles:
-                h.remove()
         return {n: torch.cat(chunks) for n, chunks in seen.items()}
 
     def global_amax(self, name: str) -> torch.Tensor | None:

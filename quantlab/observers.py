@@ -1,12 +1,13 @@
-"""Choosing a range: min-max, percentile and MSE search. Observers return ranges (amin, amax) shaped like
-the scales ``quantlab.formats.quantize`` stores; ``formats`` turns them into scales."""
+"""Choosing a range: min-max, percentile and MSE search. Weight observers return ranges (amin, amax)
+shaped like the scales ``quantlab.formats.quantize`` stores; ``formats`` turns them into scales. The
+activation observer gives one batch's |x| range for a static activation scale."""
 
 from __future__ import annotations
 
 import torch
 
 from . import formats
-from .recipe.schema import WeightScheme
+from .recipe.schema import ActivationScheme, WeightScheme
 
 # Shrink factors of the min-max range tried by the MSE observer: 1.0 down to 0.5, denser near 1 where
 # 8-bit formats find their optimum.
@@ -23,11 +24,7 @@ def scheme_kwargs(scheme: WeightScheme) -> dict:
 
 
 def _grouped(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
-    if scheme.granularity == "tensor":
-        return w.reshape(1, -1)
-    if scheme.granularity == "group":
-        return w.reshape(*w.shape[:-1], w.shape[-1] // scheme.group_size, scheme.group_size)
-    return w.unsqueeze(-2)
+    return formats.grouped(w, **scheme_kwargs(scheme))
 
 
 def minmax(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,3 +89,14 @@ def quantize_weight(w: torch.Tensor, scheme: WeightScheme, amin: torch.Tensor | 
         global_amax = w.detach().abs().max()
     extra = {"global_amax": global_amax} if scheme.format == "nvfp4" else {}
     return formats.quantize(w, scheme.format, amax=amax, amin=amin, **scheme_kwargs(scheme), **extra)
+
+
+def activation_amax(x: torch.Tensor, act: ActivationScheme) -> torch.Tensor:
+    """One batch's |x| range (float32 scalar) under the activation scheme's observer: the maximum
+    (``minmax``) or the ``percentile``-th percentile of |x|. Calibration keeps the largest over batches."""
+    a = x.detach().abs().float()
+    if act.observer != "percentile":
+        return a.amax()
+    # torch.quantile refuses inputs above 2**24 elements; a strided subsample keeps it exact enough.
+    flat = a.flatten()[:: max(1, a.numel() // 2**24 + 1)]
+    return torch.quantile(flat, act.percentile / 100.0)

@@ -13,7 +13,6 @@ import logging
 import re
 import resource
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,14 +20,15 @@ from tqdm.auto import tqdm
 
 from . import algorithms
 from .algorithms import awq, gptq, rtn, smoothquant
-from .context import LayerContext, to_device
+from .context import LayerContext, forward_hooks, to_device
 from .data import CalibrationSet
 from .errors import CalibrationError, QuantlabError
-from .fake_quant import KVCacheQuant, QuantLinear, decoded_weights, enable_kv_quant
+from .fake_quant import KVCacheQuant, QuantLinear, activation_scales, decoded_weights, enable_kv_quant
 from .mappings import fused_shards, layer_mappings
 from .models import decoder_layers
-from .observers import quantize_weight
+from .observers import activation_amax, quantize_weight
 from .recipe.schema import Recipe, SchemeGroup
+from .result import CalibrationResult, LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +36,6 @@ log = logging.getLogger(__name__)
 TRANSFORM_FNS = {"smoothquant": smoothquant.apply, "awq": awq.apply}
 ROUNDER_FNS = {"rtn": rtn.apply, "gptq": gptq.apply}
 BATCH_SIZE = 8
-
-
-@dataclass
-class LayerStats:
-    """Per-layer summary: relative MSE of the quantized vs float layer output on the same inputs (the
-    first calibration batch: the float layer runs only on it, which is enough for this estimate and
-    saves most of a pass over the data per layer)."""
-
-    name: str
-    rel_mse: float
-    seconds: float
-    peak_mem_mib: float
-
-
-@dataclass
-class CalibrationResult:
-    """What calibration produced besides the modified model."""
-
-    layers: list[LayerStats]
-    seconds: float
-    peak_mem_mib: float
-    notes: list[str] = field(default_factory=list)
-    kv_states: list[KVCacheQuant] = field(default_factory=list)
 
 
 class _StopForward(Exception):
@@ -97,16 +74,12 @@ def _capture_layer0_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.T
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in ids.split(BATCH_SIZE):
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
+    with forward_hooks([(layers[0], catch)], pre=True), torch.no_grad():
+        for batch in ids.split(BATCH_SIZE):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
     return hidden, kwargs
 
 
@@ -130,26 +103,15 @@ def _check_finite(name: str, what: str, tensors) -> None:
 
 def _observe_activations(ctx: LayerContext, static: list[str]) -> dict[str, torch.Tensor]:
     """Calibrated |x| ranges of the inputs of Linears with static ranges (per-tensor or nvfp4 global):
-    the maximum over batches of each batch's max (minmax) or percentile of |x|."""
+    the maximum over batches of each batch's range by the scheme's observer (``observers.activation_amax``)."""
     amax: dict[str, torch.Tensor] = {}
 
-    def hook(_m, args, _out, n):
-        act = ctx.schemes[n].activations
-        x = args[0].detach().abs().float()
-        if act.observer == "percentile":
-            # torch.quantile refuses inputs above 2**24 elements; a strided subsample keeps it exact enough.
-            flat = x.flatten()[:: max(1, x.numel() // 2**24 + 1)]
-            a = torch.quantile(flat, act.percentile / 100.0).cpu()
-        else:
-            a = x.amax().cpu()
-        amax[n] = a if n not in amax else torch.maximum(amax[n], a)
+    def hook(name: str, x: torch.Tensor) -> None:
+        a = activation_amax(x, ctx.schemes[name].activations).cpu()
+        amax[name] = a if name not in amax else torch.maximum(amax[name], a)
 
-    handles = [ctx.layer.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in static]
-    try:
+    with forward_hooks((ctx.layer.get_submodule(n), lambda _m, args, _o, n=n: hook(n, args[0])) for n in static):
         ctx.run()
-    finally:
-        for h in handles:
-            h.remove()
     return amax
 
 
@@ -194,7 +156,7 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
     hidden, kwargs = [h.to(keep_on) for h in hidden], [to_device(kw, keep_on) for kw in kwargs]
     layer_prefix = next(n for n, m in model.named_modules() if m is layers)
 
-    stats, notes = [], []
+    stats, notes, assigned = [], [], {}
     bar = tqdm(list(enumerate(layers)), desc="calibrating", unit="layer", disable=not progress)
     for index, layer in bar:
         t0 = time.perf_counter()
@@ -222,12 +184,15 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
         input_amax = _observe_activations(ctx, static) if (static or layer_kv) else {}
         for kv in layer_kv:
             kv.observing = False
+            kv.set_scales_from_observed()
         qweights = ROUNDER_FNS[rounder.algorithm](ctx, rounder.params)
         for local, qweight in qweights.items():
             linear = ctx.targets[local]
             parent_name, _, child = local.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            setattr(parent, child, QuantLinear(qweight, linear.bias, schemes[local].activations, input_amax.get(local), dtype).to(device))
+            act = schemes[local].activations
+            setattr(parent, child, QuantLinear(qweight, linear.bias, act, dtype, *activation_scales(act, input_amax.get(local))).to(device))
+            assigned[f"{name}.{local}"] = schemes[local]
         with decoded_weights(layer):
             quant_out = ctx.run()
         _check_finite(name, "quantized outputs", quant_out)
@@ -242,16 +207,20 @@ def calibrate(model: nn.Module, recipe: Recipe, calib: CalibrationSet, device: t
         bar.set_postfix(rel_mse=f"{stats[-1].rel_mse:.2e}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _quantize_outside_layers(model, layers, recipe, dtype, rounder.algorithm)
-    return CalibrationResult(stats, time.perf_counter() - start, max(s.peak_mem_mib for s in stats), notes, kv_states)
+    assigned.update(_quantize_outside_layers(model, layers, recipe, dtype, rounder.algorithm))
+    return CalibrationResult(stats, time.perf_counter() - start, max(s.peak_mem_mib for s in stats), notes, kv_states,
+                             assigned)
 
 
-def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Recipe, dtype: torch.dtype, rounder: str) -> None:
-    """Round targeted Linears outside the decoder layers (e.g. an un-ignored lm_head) with RTN.
+def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Recipe, dtype: torch.dtype,
+                             rounder: str) -> dict[str, SchemeGroup]:
+    """Round targeted Linears outside the decoder layers (e.g. an un-ignored lm_head) with RTN; returns
+    each one's name and scheme group.
 
     They see no calibration pass, so only weight-only or dynamic-activation schemes are possible.
     """
     inside = {id(m) for m in layers.modules()}
+    assigned = {}
     for name, module in list(model.named_modules()):
         if id(module) in inside:
             continue
@@ -265,4 +234,6 @@ def _quantize_outside_layers(model: nn.Module, layers: nn.ModuleList, recipe: Re
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear(quantize_weight(module.weight.detach().float(), group.weights),
-                                           module.bias, group.activations, None, dtype))
+                                           module.bias, group.activations, dtype))
+        assigned[name] = group
+    return assigned

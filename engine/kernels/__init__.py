@@ -5,7 +5,11 @@ ops), the Triton kernel second, and a public function that takes the Triton path
 elsewhere. Element numerics are never rewritten here: they come from ``quantlab.formats``.
 
 - ``linear``: every linear layer the engine runs (BF16, W4A16 INT4/NVFP4/MXFP4, W8A8 FP8/INT8), with the
-  build-time ``pack`` that lays weights out for its kernel and the run-time ``apply``.
-- ``attention``: the KV-cache write and attention over the paged KV cache (prefill and decode).
+  build-time ``pack`` that lays weights out for its kernel, ``tune`` (build time, on the target GPU) and
+  the run-time ``apply``. Kernels: ``w4a16`` (layout in ``w4a16_layout``, launch choices in
+  ``w4a16_configs``) and ``w8a8``.
+- ``attention``: the KV-cache write and attention over the paged KV cache; the Triton decode and prefill
+  kernels are ``attention_decode`` and ``attention_prefill``.
 - ``norm``, ``rope``, ``activation``: RMSNorm (+ residual), rotary embedding, SwiGLU.
+- ``timing``: CUDA-graph GPU timing the tuner and bench/kernels.py share.
 """

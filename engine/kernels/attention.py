@@ -7,14 +7,26 @@ the checkpoint's calibrated scale (per tensor [1] or per KV head [kv_heads]), as
 
 A batch is "varlen": the queries of sequence ``i`` are rows ``query_start_loc[i]:query_start_loc[i+1]``
 of ``q`` and are the *last* tokens of its ``context_lens[i]`` tokens (so a decode step has one query per
-sequence and a prefill chunk attends causally to the cached prefix plus itself).
+sequence and a prefill chunk attends causally to the cached prefix plus itself). Every sequence in a
+batch has at least one query (the scheduler never schedules zero new tokens), so a batch with as many
+queries as sequences is a decode step and takes the decode kernel. A negative slot in ``slot_mapping``
+(a padded token) is not written.
+
+On CUDA: ``write_kv`` is one Triton kernel (below), decode is ``attention_decode`` (split-K, GQA rows
+together), prefill/chunked prefill is ``attention_prefill``.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from quantlab.formats.fp8 import cast_saturating
+
+from .attention_decode import paged_decode
+from .attention_prefill import paged_prefill
+from .w8a8 import round_e4m3
 
 
 def _scale_view(scale: torch.Tensor) -> torch.Tensor:
@@ -25,6 +37,8 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None) -> None:
     """Store new keys/values [tokens, kv_heads, head_dim] at ``slot_mapping`` [tokens] (int64) in place."""
+    keep = slot_mapping >= 0
+    k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     if k_cache.dtype == torch.float8_e4m3fn:
@@ -85,13 +99,63 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, stride_k, stride_v,
+                     HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
+                     PER_HEAD: tl.constexpr):
+    tok = tl.program_id(0)
+    slot = tl.load(slot_ptr + tok)
+    if slot < 0:
+        return
+    hh = tl.arange(0, BLOCK_H)
+    dd = tl.arange(0, D)
+    mask = (hh < HKV)[:, None]
+    src = hh[:, None] * D + dd[None, :]
+    dst = slot * HKV * D + src
+    k = tl.load(k_ptr + tok * stride_k + src, mask=mask, other=0.0)
+    v = tl.load(v_ptr + tok * stride_v + src, mask=mask, other=0.0)
+    if FP8:  # formats.fp8: clamp(x / scale) (IEEE division) rounded to E4M3, ties to even; stored as bits
+        ks = tl.load(ks_ptr + hh * PER_HEAD, mask=hh < HKV, other=1.0)[:, None]
+        vs = tl.load(vs_ptr + hh * PER_HEAD, mask=hh < HKV, other=1.0)[:, None]
+        k = round_e4m3(tl.minimum(tl.maximum(tl.div_rn(k.to(tl.float32), ks), -448.0), 448.0))
+        v = round_e4m3(tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), vs), -448.0), 448.0))
+        k = k.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        v = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """``write_kv_ref`` in one launch: keys and values of every token, FP8 quantization included."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    t, hkv, d = k.shape
+    if k.stride(2) != 1 or k.stride(1) != d:
+        k = k.contiguous()
+    if v.stride(2) != 1 or v.stride(1) != d:
+        v = v.contiguous()
+    kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
+    ks = k_scale.float().reshape(-1) if fp8 else k
+    vs = v_scale.float().reshape(-1) if fp8 else v
+    _write_kv_kernel[(t,)](k, v, kc, vc, slot_mapping, ks, vs, k.stride(0), v.stride(0), hkv, d,
+                           triton.next_power_of_2(hkv), fp8, int(fp8 and k_scale.numel() > 1))
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """``write_kv_ref``'s contract; the fused Triton kernel on CUDA."""
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if k.is_cuda:
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, softmax_scale,
                     k_scale=None, v_scale=None) -> torch.Tensor:
     """``paged_attention_ref``'s contract; the Triton decode/prefill kernels on CUDA."""
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, softmax_scale,
-                               k_scale, v_scale)
+    if not q.is_cuda:
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
+                                   softmax_scale, k_scale, v_scale)
+    q = q.contiguous()
+    if q.shape[0] == block_tables.shape[0]:
+        return paged_decode(q, k_cache, v_cache, block_tables, context_lens, softmax_scale, k_scale, v_scale)
+    return paged_prefill(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, softmax_scale,
+                         k_scale, v_scale)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
 
+from . import w4a16, w4a16_layout, w8a8
+
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -32,6 +34,8 @@ class LinearSpec:
         per_tensor: one weight scale for the whole tensor.
         act_format, act_granularity, act_dynamic: the input-activation scheme, or None for weight-only.
         has_bias: whether a ``bias`` tensor is stored.
+        kernel_config: launch choices ``tune`` measured at build time on the target GPU, by M bucket
+            (``w4a16.tune``'s dict), or None for the fixed per-shape heuristics.
     """
 
     kind: str
@@ -44,6 +48,7 @@ class LinearSpec:
     act_granularity: str | None = None
     act_dynamic: bool = True
     has_bias: bool = False
+    kernel_config: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,17 +89,39 @@ def pack(weight: torch.Tensor | StoredLinear, dtype: torch.dtype,
         return LinearSpec("dense", None, in_f, out_f, has_bias=bias is not None), _contiguous(tensors)
     q, act = weight.qweight, weight.act
     out_f, in_f = q.shape
-    tensors = {"codes": q.codes, "scale": q.scale}
-    for name, t in (("zero_point", q.zero_point), ("global_scale", q.global_scale),
-                    ("input_scale", weight.input_scale), ("input_global_scale", weight.input_global_scale)):
+    kind = _kind(weight)
+    if kind == "w4a16":
+        tensors = w4a16_layout.pack_w4(q.fmt, q.codes, q.scale, q.zero_point, q.global_scale)
+    elif kind.startswith("w8a8") and q.group_size is None:
+        tensors = w8a8.pack_w8(q.codes, q.scale, q.per_tensor)
+    else:
+        kind = "fake" if kind.startswith("w8a8") else kind
+        tensors = {"codes": q.codes, "scale": q.scale}
+        for name, t in (("zero_point", q.zero_point), ("global_scale", q.global_scale)):
+            if t is not None:
+                tensors[name] = t
+    for name, t in (("input_scale", weight.input_scale), ("input_global_scale", weight.input_global_scale)):
         if t is not None:
             tensors[name] = t
     if weight.bias is not None:
         tensors["bias"] = weight.bias.to(dtype)
-    spec = LinearSpec(_kind(weight), q.fmt, in_f, out_f, q.group_size, q.per_tensor,
+    spec = LinearSpec(kind, q.fmt, in_f, out_f, q.group_size, q.per_tensor,
                       None if act is None else act.format, None if act is None else act.granularity,
                       True if act is None else act.dynamic, weight.bias is not None)
     return spec, _contiguous(tensors)
+
+
+def tune(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
+    """Launch choices for ``spec`` measured on the current GPU (build time; tensors on that GPU).
+
+    The builder stores the result as ``spec.kernel_config`` (``dataclasses.replace``); ``apply`` reads it
+    by M bucket and never tunes at run time. None where the layer's kernels take no choices.
+    """
+    if spec.kind == "w4a16":
+        return w4a16.tune(spec.weight_format, spec.group_size or spec.in_features, tensors)
+    if spec.kind == "w8a8_int8":
+        return w8a8.tune_int8(tensors)
+    return None
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,7 +144,14 @@ def dequantize_weight_ref(spec: LinearSpec, tensors: dict[str, torch.Tensor], dt
     """The layer's weight [out, in] in ``dtype``."""
     if spec.kind == "dense":
         return tensors["weight"].to(dtype)
-    q = formats.QTensor(spec.weight_format, tensors["codes"], tensors["scale"], tensors.get("zero_point"),
+    if spec.kind == "w4a16":
+        codes, scale, zero_point = w4a16_layout.unpack_w4(spec.weight_format, tensors)
+    elif spec.kind.startswith("w8a8"):
+        codes, zero_point = tensors["weight"], None
+        scale = tensors["weight_scale"][:, :1] if spec.per_tensor else tensors["weight_scale"].t()
+    else:
+        codes, scale, zero_point = tensors["codes"], tensors["scale"], tensors.get("zero_point")
+    q = formats.QTensor(spec.weight_format, codes, scale.reshape(-1) if spec.per_tensor else scale, zero_point,
                         tensors.get("global_scale"), spec.group_size, spec.per_tensor)
     return formats.dequantize(q, dtype)
 
@@ -133,4 +167,15 @@ def apply(x: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -
     """The layer's product: the fastest kernel for ``spec`` on CUDA, the reference elsewhere."""
     if spec.kind == "dense":
         return F.linear(x, tensors["weight"], tensors.get("bias"))
+    if not x.is_cuda:
+        return linear_ref(x, spec, tensors)
+    if spec.kind == "w4a16":
+        group = spec.group_size or spec.in_features
+        cfg = w4a16.config_for(spec.kernel_config, x.shape[0], spec.out_features, spec.in_features)
+        return w4a16.w4a16_matmul(x, spec.weight_format, group, tensors, cfg)
+    static = not spec.act_dynamic and spec.act_granularity == "tensor"
+    if spec.kind == "w8a8_fp8" and (spec.act_granularity == "token" or static):
+        return w8a8.fp8_matmul(x, tensors, static)
+    if spec.kind == "w8a8_int8" and (spec.act_granularity == "token" or static):
+        return w8a8.int8_matmul(x, tensors, static, spec.kernel_config)
     return linear_ref(x, spec, tensors)

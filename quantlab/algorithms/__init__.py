@@ -1,14 +1,8 @@
 """Calibration algorithms: transforms (smoothquant, awq) change weights without changing the float
-function; rounders (rtn, gptq) choose the quantized values. Recipe names map to parameter dataclasses
-here; ``quantlab.pipeline`` maps them to the code that runs them."""
+function; rounders (rtn, gptq) choose the quantized values. Their parameter dataclasses and the
+algorithm names belong to the recipe (``quantlab.recipe.stages``) and are re-exported here;
+``quantlab.pipeline`` maps the names to the code that runs them."""
 
-from .awq import AWQParams
-from .gptq import GPTQParams
-from .rtn import RTNParams
-from .smoothquant import SmoothQuantParams
-
-ALGORITHMS = {"rtn": RTNParams, "gptq": GPTQParams, "smoothquant": SmoothQuantParams, "awq": AWQParams}
-ROUNDERS = frozenset({"rtn", "gptq"})
-TRANSFORMS = frozenset({"smoothquant", "awq"})
+from ..recipe.stages import ALGORITHMS, ROUNDERS, TRANSFORMS, AWQParams, GPTQParams, RTNParams, SmoothQuantParams
 
 __all__ = ["ALGORITHMS", "ROUNDERS", "TRANSFORMS", "AWQParams", "GPTQParams", "RTNParams", "SmoothQuantParams"]

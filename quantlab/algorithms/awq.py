@@ -10,39 +10,20 @@ searched as in AutoAWQ's ``_compute_best_clip``. Both searches quantize through 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import formats, observers
 from ..recipe.schema import WeightScheme
+from ..recipe.stages import AWQParams
 from .folding import fold_scales
 
 __all__ = ["AWQParams", "fold_scales", "search_clip", "search_scales"]
 
 
-@dataclass(frozen=True, slots=True)
-class AWQParams:
-    """AWQ parameters.
-
-    Attributes:
-        grid: number of points of the scale-exponent search in [0, 1).
-        duo_scaling: scales from both activation and weight magnitudes (AutoAWQ's default).
-        clip_search: search a per-group clipping ratio after scaling.
-        clip_grid: number of clipping ratios tried between 1 and ``max_shrink``.
-        max_shrink: smallest clipping ratio tried.
-    """
-
-    grid: int = 20
-    duo_scaling: bool = True
-    clip_search: bool = True
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-
-
-def _group_len(w: torch.Tensor, scheme: WeightScheme) -> int:
-    """Length of the input-dimension run sharing one scale (the whole row for channel and tensor)."""
-    return scheme.group_size if scheme.granularity == "group" else w.shape[-1]
+def _row_groups(t: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    """``t`` [rows, in] as [rows, groups, group_len] along the scheme's input-dimension groups (one group
+    per row for channel and tensor granularity)."""
+    return formats.grouped(t, scheme.group_size if scheme.granularity == "group" else None)
 
 
 def _fake_quant(w: torch.Tensor, scheme: WeightScheme, **kwargs) -> torch.Tensor:
@@ -52,9 +33,7 @@ def _fake_quant(w: torch.Tensor, scheme: WeightScheme, **kwargs) -> torch.Tensor
 def _weight_mean(weights: list[torch.Tensor], scheme: WeightScheme) -> torch.Tensor:
     """AutoAWQ's w_mean: mean over output rows of |W| normalized to [0, 1] within each quant group."""
     w = torch.cat(weights).abs()
-    if scheme.granularity == "tensor":
-        return (w / (w.amax() + 1e-6)).mean(0)
-    g = w.reshape(w.shape[0], -1, _group_len(w, scheme))
+    g = formats.grouped(w, **observers.scheme_kwargs(scheme))
     return (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
 
 
@@ -121,11 +100,10 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], weight_scheme: W
     return best_scales, {"ratio": best_ratio, "loss": best_loss, "loss_unscaled": loss_unscaled, "losses": losses}
 
 
-def _group_output_error(group_grams: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+def _group_output_error(group_grams: torch.Tensor, dg: torch.Tensor) -> torch.Tensor:
     """``mean_t (x_g . diff_{o,g})^2`` per output row o and group g, [out, groups], from the groups'
-    Gram blocks [groups, group_len, group_len]: ``diff_{o,g}^T G_g diff_{o,g}``."""
-    num_groups, group_len, _ = group_grams.shape
-    dg = diff.reshape(diff.shape[0], num_groups, group_len)
+    Gram blocks [groups, group_len, group_len] and the grouped difference [out, groups, group_len]:
+    ``diff_{o,g}^T G_g diff_{o,g}``."""
     return (torch.einsum("ogk,gkl->ogl", dg, group_grams) * dg).sum(-1)
 
 
@@ -162,8 +140,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightSche
     w = weight.detach().float()
     x = x.detach().float().reshape(-1, x.shape[-1])
     x = x[::max(1, x.shape[0] // max_tokens)][:max_tokens]
-    group_len = _group_len(w, weight_scheme)
-    xg = x.reshape(x.shape[0], -1, group_len)
+    xg = _row_groups(x, weight_scheme)
     group_grams = torch.einsum("tgk,tgl->gkl", xg, xg) / x.shape[0]
     lo, hi = observers.minmax(w, weight_scheme)
     if formats.get_spec(weight_scheme.format).symmetric:
@@ -174,7 +151,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, weight_scheme: WeightSche
     best_err = torch.full_like(hi, float("inf"))
     for ratio in torch.linspace(1.0, params.max_shrink, max(1, params.clip_grid)).tolist():
         diff = w - _fake_quant(observers.clamp_to_ranges(w, weight_scheme, lo * ratio, hi * ratio), weight_scheme, **fixed)
-        err = _group_output_error(group_grams, diff)
+        err = _group_output_error(group_grams, _row_groups(diff, weight_scheme))
         err = err.sum().reshape(1) if weight_scheme.granularity == "tensor" else err.reshape(hi.shape)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

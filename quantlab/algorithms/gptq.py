@@ -19,38 +19,16 @@ import torch
 
 from .. import formats, observers
 from . import gptq_kernel
+from ..context import forward_hooks
 from ..errors import CalibrationError
 from ..recipe.schema import WeightScheme
+from ..recipe.stages import GPTQParams
 
 logger = logging.getLogger(__name__)
 
 # A Hessian that is not positive definite after dampening is retried with 10x the dampening,
 # this many times (so up to 10**4 x the recipe's value) before calibration stops.
 _MAX_DAMPING_RETRIES = 4
-
-
-@dataclass(frozen=True, slots=True)
-class GPTQParams:
-    """GPTQ parameters.
-
-    Attributes:
-        block_size: columns per lazy-update block.
-        dampening: fraction of the mean Hessian diagonal added to the diagonal.
-        act_order: process columns by decreasing Hessian diagonal.
-        static_groups: with act_order, compute group scales before reordering so groups stay
-            contiguous and no ``g_idx`` is needed in the checkpoint. With False, groups are formed in
-            processing order and ``GPTQStats.g_idx`` says which group each column joined.
-        true_sequential: inside a decoder layer, quantize the Linears stage by stage in execution
-            order (q/k/v, then o, then gate/up, then down) and take each stage's Hessian from inputs
-            that already went through the quantized earlier stages, as the reference implementation's
-            ``--true-sequential`` and GPTQModel do. False: every Hessian comes from one float pass.
-    """
-
-    block_size: int = 128
-    dampening: float = 0.01
-    act_order: bool = False
-    static_groups: bool = True
-    true_sequential: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +43,12 @@ class GPTQStats:
             their weights are set to 0.
         output_mse: ``tr((W - Q) H (W - Q)^T) / (2 * out)`` with the undamped Hessian: the mean squared
             error of the layer's outputs over the calibration tokens and output features.
-        g_idx: only for act_order with static_groups=False and group granularity, else None: int32
-            [in], the group of each input column (original order). The returned QTensor then holds the
-            columns in group order, ``perm = torch.argsort(g_idx, stable=True)``: its column ``j`` is
-            original column ``perm[j]``, so ``formats.dequantize(qt)[:, torch.argsort(perm)]`` is the
-            weight in original order and ``qt.codes[:, torch.argsort(perm)]`` the codes a checkpoint
-            with ``weight_g_idx`` stores. (fp4 checkpoints have no g_idx: use static_groups there.)
     """
 
     damping: float
     num_damping_retries: int
     num_dead_inputs: int
     output_mse: float
-    g_idx: torch.Tensor | None = None
 
 
 def accumulate_hessian(h: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -146,15 +117,12 @@ def _column_slice(qp: formats.QParams, i1: int, i2: int) -> formats.QParams:
 
 
 class _Rounded(NamedTuple):
-    """The loop's result in the layout ``formats.quantize`` wants: q [out, in] with its groups
-    contiguous (columns in ``order`` of the original, None = original order) and the ranges used."""
+    """The loop's result: q [out, in] in the original column order and the ranges used."""
 
     q: torch.Tensor
     amin: torch.Tensor
     amax: torch.Tensor
     global_amax: torch.Tensor
-    order: torch.Tensor | None
-    g_idx: torch.Tensor | None
     damping: float
     num_damping_retries: int
     num_dead_inputs: int
@@ -180,12 +148,16 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
     global_amax = w.abs().max() if global_amax is None else global_amax.to(device=w.device, dtype=torch.float32)
 
     grouped = scheme.granularity == "group"
+    if grouped and params.act_order and not params.static_groups:
+        # Groups formed in processing order need a weight_g_idx, which quantlab checkpoints never store;
+        # the recipe loader refuses this combination, so only a direct call can reach it.
+        raise ValueError("GPTQ: act_order with group granularity needs static_groups=True")
     gs = scheme.group_size if grouped else None
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if params.act_order else None
     # Static ranges: per tensor/channel always; per group with act_order + static_groups, from the
     # original column order so groups stay contiguous. Otherwise each group's range is chosen from the
     # current (error-updated) weights when its first column is reached.
-    dynamic_groups = grouped and not (params.act_order and params.static_groups)
+    dynamic_groups = grouped and not params.act_order
     if dynamic_groups:
         amin = torch.zeros(num_out, num_in // gs, dtype=torch.float32, device=w.device)
         amax = torch.zeros_like(amin)
@@ -233,15 +205,9 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSc
         q[:, i1:i2] = q1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    order = g_idx = None
     if perm is not None:
-        inv = torch.argsort(perm)
-        q = q[:, inv]
-        if dynamic_groups:
-            g_idx = (inv // gs).to(torch.int32)
-            order = torch.argsort(g_idx, stable=True)
-            q = q[:, order]
-    return _Rounded(q, amin, amax, global_amax, order, g_idx, damping, retries, int(dead.sum()))
+        q = q[:, torch.argsort(perm)]
+    return _Rounded(q, amin, amax, global_amax, damping, retries, int(dead.sum()))
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightScheme, params: GPTQParams,
@@ -265,10 +231,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
             Linear's shards pass their common one).
 
     Returns:
-        (qt, stats): ``formats.dequantize(qt)`` is the GPTQ weight exactly (in group order when
-        ``stats.g_idx`` is set; see ``GPTQStats``).
+        (qt, stats): ``formats.dequantize(qt)`` is the GPTQ weight exactly.
 
     Raises:
+        ValueError: act_order with group granularity and ``static_groups=False`` (groups in processing
+            order would need a ``weight_g_idx``; the recipe loader refuses it).
         CalibrationError: the Hessian is not finite, or not positive definite even after raising the
             dampening 10x ``_MAX_DAMPING_RETRIES`` times (when a retry succeeds, a warning is logged).
     """
@@ -276,11 +243,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: WeightSch
     qt = observers.quantize_weight(r.q, scheme, amin=r.amin, amax=r.amax, global_amax=r.global_amax)
     # The loop already rounded every column onto these grids, so re-encoding must reproduce it.
     assert torch.equal(formats.dequantize(qt), r.q), "GPTQ: re-encoding the rounded weight changed it"
-    q = r.q if r.order is None else r.q[:, torch.argsort(r.order)]
-    delta = weight.detach().float() - q
+    delta = weight.detach().float() - r.q
     h = hessian.detach().to(device=delta.device, dtype=torch.float32)
     output_mse = float(((delta @ h) * delta).sum()) / (2 * weight.shape[0])
-    return qt, GPTQStats(r.damping, r.num_damping_retries, r.num_dead_inputs, output_mse, r.g_idx)
+    return qt, GPTQStats(r.damping, r.num_damping_retries, r.num_dead_inputs, output_mse)
 
 
 def _hessians(ctx, names: list[str]) -> dict[str, torch.Tensor]:
@@ -291,12 +257,8 @@ def _hessians(ctx, names: list[str]) -> dict[str, torch.Tensor]:
     def hook(_module, args, _out, name):
         acc[name][0], acc[name][1] = accumulate_hessian(acc[name][0], acc[name][1], args[0].detach())
 
-    handles = [ctx.targets[n].register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
-    try:
+    with forward_hooks((ctx.targets[n], lambda m, a, o, n=n: hook(m, a, o, n)) for n in names):
         ctx.run(until=names)
-    finally:
-        for h in handles:
-            h.remove()
     return {name: h for name, (h, _) in acc.items()}
 
 

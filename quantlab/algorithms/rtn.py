@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True, slots=True)
-class RTNParams:
-    """RTN has no parameters: the range comes from the scheme's observer."""
+from ..recipe.stages import RTNParams
 
 
 def apply(ctx, params: RTNParams) -> dict:

@@ -9,13 +9,12 @@ at 8 bits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .. import formats, observers
-from ..fake_quant import activation_kwargs
+from ..fake_quant import activation_kwargs, activation_scales
 from ..recipe.schema import ActivationScheme, WeightScheme
+from ..recipe.stages import SmoothQuantParams
 from .folding import fold_scales
 
 __all__ = ["SmoothQuantParams", "fold_scales", "quantized_output_error", "search_alpha", "smoothing_scales"]
@@ -23,22 +22,6 @@ __all__ = ["SmoothQuantParams", "fold_scales", "quantized_output_error", "search
 # The reference implementation's floor (smoothquant/smooth.py): keeps s and 1/s finite for channels
 # whose activations or weights are all zero.
 _MIN_SCALE = 1e-5
-
-
-@dataclass(frozen=True, slots=True)
-class SmoothQuantParams:
-    """SmoothQuant parameters.
-
-    Attributes:
-        alpha: migration strength in s = max|X|^alpha / max|W|^(1-alpha).
-        alpha_search: pick alpha per smoothing group from ``alpha_grid`` by the quantized output error
-            on the calibration data.
-        alpha_grid: candidates for the search.
-    """
-
-    alpha: float = 0.5
-    alpha_search: bool = False
-    alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -61,7 +44,7 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
 def _quantize_acts(x: torch.Tensor, scheme: ActivationScheme) -> torch.Tensor:
     """Simulated run-time activation quantization of ``x`` [tokens, in], as ``QuantLinear`` does it; a
     static range is the min-max of ``x`` itself, i.e. what calibration on this data would store."""
-    return formats.quantize_dequantize(x, scheme.format, **activation_kwargs(scheme, x.abs().amax()))
+    return formats.quantize_dequantize(x, scheme.format, **activation_kwargs(scheme, *activation_scales(scheme, x.abs().amax())))
 
 
 def quantized_output_error(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor,

@@ -8,16 +8,14 @@ that config.json describes, built on the meta device.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
 from . import schema
-from .reader import assign_groups, build_model, read_quantization_config, shard_files
+from .files import read_header, read_quantization_config, shard_files
+from .reader import assign_groups, build_model
 
 BF16_BYTES = 2
 
@@ -70,18 +68,8 @@ class InspectReport:
 
 
 def tensor_bytes(file: Path) -> dict[str, int]:
-    """Bytes of each tensor in a safetensors file, read from its header (8-byte length + JSON)."""
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
-    if file.stat().st_size < 8 + n + end:
-        raise CheckpointError(f"{file} is truncated ({file.stat().st_size} bytes, its header needs {8 + n + end})")
-    return sizes
+    """Bytes of each tensor in a safetensors file, read from its checked header."""
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in read_header(file).items()}
 
 
 def inspect_checkpoint(path: str | Path) -> InspectReport:

@@ -1,14 +1,13 @@
 """Load a quantlab checkpoint back as a fake-quant model whose outputs equal the calibrated model's.
 
-The model is built from config.json (without its quantization_config) by transformers, the plain tensors
-are read with safetensors (never pickle), each quantized Linear is rebuilt as a ``QuantLinear`` from its
-compressed tensors through ``schema.decompress_linear``, and FP8 KV-cache states get k/v ranges that
-reproduce the stored ``k_scale``/``v_scale`` exactly.
+The model is built from config.json (without its quantization_config) by transformers; tensors are read
+through ``stream.open_checkpoint`` (safetensors, never pickle) one module at a time. Each quantized Linear
+becomes a ``QuantLinear`` holding its stored codes and scales as they are, and each FP8 KV-cache state its
+stored ``k_scale``/``v_scale``: the model computes with exactly the numbers the checkpoint holds.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,67 +16,13 @@ from torch import nn
 from ..errors import CheckpointError
 from ..fake_quant import KVCacheQuant, QuantLinear, enable_kv_quant
 from . import schema
-
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+# shard_files is re-exported: evaluation sizes a checkpoint by its shards.
+from .files import shard_files  # noqa: F401
+from .stream import StoredCheckpoint, open_checkpoint
 
 
 def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; CheckpointError naming the file if it is missing or not JSON."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
-
-
-def read_quantization_config(path: Path) -> tuple[dict, dict]:
-    """(config.json as a dict, its validated quantization_config)."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    config = read_json(path / "config.json")
-    qcfg = config.get("quantization_config")
-    schema.check_config(qcfg, str(path / "config.json"))
-    return config, qcfg
-
-
-def shard_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the single file, or every file the index names."""
-    if (path / INDEX_NAME).is_file():
-        index = read_json(path / INDEX_NAME)
-        names = sorted(set(index.get("weight_map", {}).values()))
-        if not names:
-            raise CheckpointError(f"{path / INDEX_NAME} names no files")
-        files = [path / n for n in names]
-    else:
-        files = [path / WEIGHTS_NAME]
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing")
-    return files
-
-
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Every tensor of the shards; CheckpointError naming a file that safetensors cannot read."""
-    from safetensors import safe_open
-
-    tensors = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    tensors[key] = sf.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise CheckpointError(f"{f} is not a readable safetensors file ({_first_line(e)})") from None
-    return tensors
 
 
 def build_model(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
@@ -109,17 +54,12 @@ def assign_groups(model: nn.Module, qcfg: dict) -> dict[str, str]:
     return out
 
 
-def _by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        module, _, local = key.rpartition(".")
-        grouped.setdefault(module, {})[local] = t
-    return grouped
-
-
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> tuple[nn.Module, object, dict]:
     """Load a checkpoint as (fake-quant model in eval mode, tokenizer, quantlab.json).
+
+    Tensors are read one module at a time through ``stream.open_checkpoint`` and copied into the model,
+    so host memory holds the model and one module's stored tensors, never a whole shard besides.
 
     Args:
         path: the checkpoint directory.
@@ -128,49 +68,64 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         device: where the model ends up.
 
     Raises:
-        CheckpointError: a missing or corrupt file (named), or tensors that do not fit the config.
+        CheckpointError: a missing, corrupt or changed file (named), or tensors that do not fit the config.
     """
     from transformers import AutoTokenizer
 
     path = Path(path)
-    _, qcfg = read_quantization_config(path)
-    provenance = read_json(path / "quantlab.json")
-    by_module = _by_module(read_tensors(shard_files(path)))
+    ckpt = open_checkpoint(path)
+    ckpt.verify()  # every tensor is read below, so each shard's bytes are checked first
+    qcfg = ckpt.quantization_config
     model = build_model(path, dtype)
+    stored_modules = {k.rpartition(".")[0] for k in ckpt.names()}
 
     replaced = set()
-    for name, key in assign_groups(model, qcfg).items():
-        local = by_module.pop(name, None)
-        if local is None:
+    for name in assign_groups(model, qcfg):
+        if name not in stored_modules:
             raise CheckpointError(f"{path}: the quantized module {name} has no tensors")
-        qweight, act, input_amax = schema.decompress_linear(name, local, qcfg["config_groups"][key])
+        stored = ckpt.linear(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(qweight, local.get("bias"), act, input_amax, dtype))
+        setattr(parent, child, QuantLinear(stored.qweight, stored.bias, stored.act, dtype, stored.input_scale,
+                                           stored.input_global_scale))
         replaced.add(name)
 
-    kv = schema.kv_scheme(qcfg.get("kv_cache_scheme"))
-    if kv is not None:
-        enable_kv_quant(model, kv)
+    kv_owners = []
+    if ckpt.kv_cache is not None:
+        enable_kv_quant(model, ckpt.kv_cache)
         for name, module in model.named_modules():
             if isinstance(getattr(module, "kv_quant", None), KVCacheQuant):
-                local = by_module.get(name, {})
-                if "k_scale" not in local or "v_scale" not in local:
-                    raise CheckpointError(f"{path}: the KV cache is quantized but {name} has no k_scale/v_scale")
-                schema.load_kv_state(module.kv_quant, {k: local.pop(k) for k in ("k_scale", "v_scale")})
+                module.kv_quant.k_scale, module.kv_quant.v_scale = ckpt.kv_scales(name)
+                kv_owners.append(name)
 
-    plain = {f"{m}.{k}" if m else k: t for m, local in by_module.items() for k, t in local.items()}
-    missing, unexpected = model.load_state_dict(plain, strict=False)
-    kv_owners = [n for n, m in model.named_modules() if hasattr(m, "kv_quant")]
-    owned = tuple(f"{n}." for n in replaced) + tuple(f"{n}.kv_quant." for n in kv_owners)
-    loaded = {id(p) for k, p in model.named_parameters(remove_duplicate=False) if k in plain}
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in loaded}
-    missing = [k for k in missing if not k.startswith(owned) and k not in tied]
-    if missing or unexpected:
-        what = f"lacks {', '.join(missing[:3])}" if missing else f"has unexpected tensors {', '.join(unexpected[:3])}"
-        raise CheckpointError(f"{path}: the checkpoint {what}")
+    owned = [f"{n}." for n in replaced] + [f"{n}.{s}" for n in kv_owners for s in ("k_scale", "v_scale")]
+    _copy_plain_tensors(ckpt, model, skip=tuple(owned))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} has no loadable tokenizer ({_first_line(e)})") from None
-    return model.to(device).eval(), tokenizer, provenance
+    return model.to(device).eval(), tokenizer, ckpt.provenance
+
+
+def _copy_plain_tensors(ckpt: StoredCheckpoint, model: nn.Module, skip: tuple[str, ...]) -> None:
+    """Copy every stored tensor not named by ``skip`` (prefixes) into the model's parameter or buffer of
+    that name, one tensor at a time; CheckpointError on missing, unexpected or misshapen tensors."""
+    state = {k: t for k, t in model.state_dict(keep_vars=True).items() if not k.startswith(skip)}
+    loaded, unexpected = set(), []
+    for key in ckpt.names():
+        if key.startswith(skip):
+            continue
+        target = state.get(key)
+        if target is None:
+            unexpected.append(key)
+            continue
+        t = ckpt.tensor(key)
+        if t.shape != target.shape:
+            raise CheckpointError(f"{ckpt.path}: {key} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(t)
+        loaded.add(id(target))
+    missing = [k for k, t in state.items() if id(t) not in loaded]  # a tied tensor counts once loaded
+    if missing or unexpected:
+        what = f"lacks {', '.join(missing[:3])}" if missing else f"has unexpected tensors {', '.join(unexpected[:3])}"
+        raise CheckpointError(f"{ckpt.path}: the checkpoint {what}")

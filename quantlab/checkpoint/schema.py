@@ -3,7 +3,9 @@
 This is the only module that knows compressed-tensors' vocabulary (format strings, QuantizationArgs keys,
 tensor suffixes); docs/checkpoint.md states the same contract in prose. Both directions live here, so the
 writer and the reader cannot disagree: ``compress_linear`` turns a ``QuantLinear`` into its stored
-tensors and ``decompress_linear`` turns them back into the identical ``QTensor`` and activation state.
+tensors and ``decompress_weight`` turns them back into the identical ``QTensor``. A module holds its
+scales as the checkpoint stores them, so both directions are plain translations: no scale is derived
+from a range on writing, and no range searched for on reading.
 
 Matching follows compressed-tensors 0.20 (``utils/match.py``, ``lifecycle/apply.py``): a target is an
 exact module name, ``re:<regex>`` (``re.match``, a prefix match) or a class name anywhere in the module's
@@ -22,20 +24,19 @@ import torch
 
 from .. import formats
 from ..errors import CheckpointError
-from ..fake_quant import KVCacheQuant, QuantLinear, activation_kwargs
-from ..formats.fp4 import nvfp4_global_scale
+from ..fake_quant import KVCacheQuant, QuantLinear
 from ..formats.pack import pack_int32, pack_nibbles, unpack_int32, unpack_nibbles
-from ..formats.spec import E2M1_MAX, FP8_E4M3_MAX
 from ..recipe.schema import ActivationScheme, KVCacheScheme, SchemeGroup, WeightScheme
 
 QUANT_METHOD = "compressed-tensors"
 # The compressed-tensors release whose layout (dense int32 packing, tensor names) these checkpoints follow.
 FORMAT_VERSION = "0.20.0"
 MIXED_PRECISION = "mixed-precision"
+PACKED_INT = "pack-quantized"  # int4 codes packed eight per int32, with weight_shape
 CT_FORMATS = {
     "int8": "int-quantized",
-    "int4": "pack-quantized",
-    "int4_asym": "pack-quantized",
+    "int4": PACKED_INT,
+    "int4_asym": PACKED_INT,
     "fp8_e4m3": "float-quantized",
     "nvfp4": "nvfp4-pack-quantized",
     "mxfp4": "mxfp4-pack-quantized",
@@ -44,6 +45,10 @@ CT_FORMATS = {
 # vLLM ignores it); a method with no counterpart (percentile) is left out.
 _WEIGHT_OBSERVERS = {"minmax": "minmax", "mse": "mse"}
 _STATIC_OBSERVERS = {"minmax": "static_minmax"}
+# compressed-tensors' strategy and scale dtype of each fp4 format (block sizes come from formats.spec).
+_FP4_ARGS = {"nvfp4": ("tensor_group", "torch.float8_e4m3fn"), "mxfp4": ("group", "torch.uint8")}
+# An fp4 format is told apart by its block length, the only QuantizationArgs field where they differ.
+_FP4_BY_BLOCK = {formats.get_spec(f).block_size: f for f in _FP4_ARGS}
 
 
 # --- quantization_config --------------------------------------------------------------------------------
@@ -71,10 +76,9 @@ def weight_args(w: WeightScheme) -> dict:
         raise _unsupported("weight", w.format)
     spec = formats.get_spec(w.format)
     observer = _WEIGHT_OBSERVERS.get(w.observer)
-    if w.format == "nvfp4":
-        return _args(4, "float", True, "tensor_group", 16, False, observer, "torch.float8_e4m3fn")
-    if w.format == "mxfp4":
-        return _args(4, "float", True, "group", 32, False, observer, "torch.uint8")
+    if w.format in _FP4_ARGS:
+        strategy, scale_dtype = _FP4_ARGS[w.format]
+        return _args(spec.bits, "float", True, strategy, spec.block_size, False, observer, scale_dtype)
     # quantlab's granularity names (tensor, channel, group) are compressed-tensors' strategy names.
     return _args(spec.bits, "float" if spec.family == "fp8" else "int", spec.symmetric, w.granularity, w.group_size,
                  False, observer)
@@ -84,11 +88,12 @@ def activation_args(a: ActivationScheme) -> dict:
     """QuantizationArgs of an input-activation scheme (``config_groups.*.input_activations``)."""
     if a.format not in CT_FORMATS:
         raise _unsupported("activation", a.format)
-    if a.format == "nvfp4":  # dynamic per block, calibrated global scale: compressed-tensors' "local"
-        return _args(4, "float", True, "tensor_group", 16, "local", "static_minmax", "torch.float8_e4m3fn")
-    if a.format == "mxfp4":
-        return _args(4, "float", True, "group", 32, True, None, "torch.uint8")
     spec = formats.get_spec(a.format)
+    if a.format in _FP4_ARGS:
+        strategy, scale_dtype = _FP4_ARGS[a.format]
+        # nvfp4: dynamic per block with a calibrated global scale, which compressed-tensors calls "local"
+        dynamic, observer = ("local", "static_minmax") if a.format == "nvfp4" else (True, None)
+        return _args(spec.bits, "float", True, strategy, spec.block_size, dynamic, observer, scale_dtype)
     observer = None if a.dynamic else _STATIC_OBSERVERS.get(a.observer)
     return _args(spec.bits, "float" if spec.family == "fp8" else "int", True, a.granularity, None, a.dynamic, observer)
 
@@ -192,19 +197,18 @@ def compress_linear(name: str, module: QuantLinear) -> dict[str, torch.Tensor]:
     """A QuantLinear's stored tensors under their local names (``weight_packed``, ``weight_scale`` ...).
 
     Codes and scales are stored exactly as the QTensor holds them (scale dtypes per ``formats.spec``), so
-    decompressing gives the same QTensor bit for bit. ``input_scale`` [1] and ``input_global_scale`` [1]
-    come from the calibrated ``input_amax`` through ``formats``, exactly as the forward pass derives them.
-    The bias, if any, is not included (the writer stores it like any float tensor).
+    decompressing gives the same QTensor bit for bit; ``input_scale`` [1] and ``input_global_scale`` [1]
+    are the module's own. The bias, if any, is not included (the writer stores it like any float tensor).
     """
     q = module.qweight
     out: dict[str, torch.Tensor] = {}
-    if q.fmt in ("int4", "int4_asym"):
+    if CT_FORMATS.get(q.fmt) == PACKED_INT:
         out["weight_packed"] = pack_int32(q.codes, dim=1)
         out["weight_scale"] = q.scale
         out["weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
         if q.zero_point is not None:
             out["weight_zero_point"] = pack_int32(q.zero_point, dim=0)
-    elif q.fmt in ("nvfp4", "mxfp4"):
+    elif q.fmt in _FP4_ARGS:
         out["weight_packed"] = pack_nibbles(q.codes)
         out["weight_scale"] = q.scale
         if q.global_scale is not None:
@@ -217,15 +221,12 @@ def compress_linear(name: str, module: QuantLinear) -> dict[str, torch.Tensor]:
     else:
         raise _unsupported("weight", q.fmt)
     act = module.act
-    if act is not None and (not act.dynamic or act.format == "nvfp4"):
-        if module.input_amax is None:
-            raise CheckpointError(f"{name} has static {act.format} activation scales but no calibrated input range")
-        probe = module.input_amax.reshape(1).expand(16 if act.format == "nvfp4" else 1)
-        qa = formats.quantize(probe, act.format, **activation_kwargs(act, module.input_amax))
-        if act.format == "nvfp4":
-            out["input_global_scale"] = qa.global_scale.float().reshape(1)
-        else:
-            out["input_scale"] = qa.scale.float().reshape(1)
+    if act is not None and act.granularity == "tensor" and not act.dynamic and module.input_scale is None:
+        raise CheckpointError(f"{name} has static {act.format} activations but no calibrated input_scale")
+    if module.input_scale is not None:
+        out["input_scale"] = module.input_scale.float().reshape(1)
+    if module.input_global_scale is not None:
+        out["input_global_scale"] = module.input_global_scale.float().reshape(1)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -238,8 +239,8 @@ def weight_format(w: dict) -> str:
         return "int4" if kind[2] else "int4_asym"
     if kind[:2] == ("float", 8):
         return "fp8_e4m3"
-    if kind[:2] == ("float", 4) and kind[3] in (16, 32):
-        return "nvfp4" if kind[3] == 16 else "mxfp4"
+    if kind[:2] == ("float", 4) and kind[3] in _FP4_BY_BLOCK:
+        return _FP4_BY_BLOCK[kind[3]]
     raise CheckpointError(f"quantlab cannot read weights quantized as {w}")
 
 
@@ -264,26 +265,6 @@ def describe(scheme: dict) -> str:
     return text
 
 
-def _preimage(forward, target: torch.Tensor, guess: torch.Tensor, steps: int = 4) -> torch.Tensor:
-    """A float32 ``x`` near ``guess`` with ``forward(x) == target`` elementwise (else ``guess``).
-
-    Scales are stored, ranges are not: the reader needs a range that reproduces the stored scale bit for
-    bit through the same formula the forward pass uses, and the nearest float32 to ``scale * qmax`` is
-    not always one. The searched floats are the guess and its ``steps`` neighbours on each side.
-    """
-    guess = guess.float()
-    result, found = guess.clone(), torch.zeros_like(guess, dtype=torch.bool)
-    up = down = guess
-    candidates = [guess]
-    for _ in range(steps):
-        up, down = torch.nextafter(up, torch.full_like(up, float("inf"))), torch.nextafter(down, torch.zeros_like(down))
-        candidates += [up, down]
-    for c in candidates:
-        ok = (forward(c) == target) & ~found
-        result, found = torch.where(ok, c, result), found | ok
-    return result
-
-
 def decompress_weight(name: str, tensors: dict[str, torch.Tensor], scheme: dict) -> formats.QTensor:
     """The QTensor a module's stored weight tensors hold (inverse of ``compress_linear``'s weight part).
 
@@ -299,12 +280,12 @@ def decompress_weight(name: str, tensors: dict[str, torch.Tensor], scheme: dict)
     group_size = w.get("group_size") if strategy in ("group", "tensor_group") else None
     try:
         scale, zp, gs = tensors["weight_scale"], tensors.get("weight_zero_point"), None
-        if fmt in ("int4", "int4_asym"):
+        if CT_FORMATS[fmt] == PACKED_INT:
             rows, cols = (int(v) for v in tensors["weight_shape"])
             codes = unpack_int32(tensors["weight_packed"], dim=1)[:, :cols]
             if zp is not None:
                 zp = unpack_int32(zp, dim=0)[:rows]
-        elif fmt in ("nvfp4", "mxfp4"):
+        elif fmt in _FP4_ARGS:
             codes = unpack_nibbles(tensors["weight_packed"])
             gs = tensors.get("weight_global_scale")
         else:
@@ -312,28 +293,6 @@ def decompress_weight(name: str, tensors: dict[str, torch.Tensor], scheme: dict)
     except KeyError as e:
         raise CheckpointError(f"{name} is quantized as {fmt} but has no tensor {name}.{e.args[0]}") from None
     return formats.QTensor(fmt, codes, scale, zp, gs, group_size, per_tensor)
-
-
-def decompress_linear(name: str, tensors: dict[str, torch.Tensor],
-                      scheme: dict) -> tuple[formats.QTensor, ActivationScheme | None, torch.Tensor | None]:
-    """Inverse of ``compress_linear``: (QTensor, activation scheme, input_amax) of one module.
-
-    Args:
-        name: the module's name (for messages).
-        tensors: the module's stored tensors by local name.
-        scheme: its ``config_groups`` entry.
-    """
-    q = decompress_weight(name, tensors, scheme)
-    act = activation_scheme(scheme.get("input_activations"))
-    input_amax = None
-    if act is not None and "input_global_scale" in tensors:
-        g = tensors["input_global_scale"].float().reshape(1)
-        input_amax = _preimage(nvfp4_global_scale, g, FP8_E4M3_MAX * E2M1_MAX / g)
-    elif act is not None and "input_scale" in tensors:
-        s = tensors["input_scale"].float().reshape(1)
-        fwd = lambda a: formats.quantize(a, act.format, **activation_kwargs(act, a)).scale.float()  # noqa: E731
-        input_amax = _preimage(fwd, s, s * formats.get_spec(act.format).qmax)
-    return q, act, input_amax
 
 
 def kv_scheme(args: dict | None) -> KVCacheScheme | None:
@@ -347,22 +306,7 @@ def kv_scheme(args: dict | None) -> KVCacheScheme | None:
 
 def kv_tensors(kv: KVCacheQuant) -> dict[str, torch.Tensor]:
     """``k_scale``/``v_scale`` (float32) of one attention module: [1] per tensor, [kv_heads, 1, 1] per head."""
-    if kv.k_amax is None or kv.v_amax is None:
+    if kv.k_scale is None or kv.v_scale is None:
         raise CheckpointError("a KV-cache state was never calibrated (no key/value ranges observed)")
-    k, v = kv.scales()
     shape = (-1, 1, 1) if kv.scheme.granularity == "head" else (1,)
-    return {"k_scale": k.float().reshape(shape).cpu(), "v_scale": v.float().reshape(shape).cpu()}
-
-
-def load_kv_state(kv: KVCacheQuant, tensors: dict[str, torch.Tensor]) -> None:
-    """Set ``kv``'s k/v ranges so that ``kv.scales()`` equals the stored ``k_scale``/``v_scale`` exactly."""
-    fmax = formats.get_spec(kv.scheme.format).qmax
-    probe = KVCacheQuant(kv.scheme)
-
-    def forward(a: torch.Tensor) -> torch.Tensor:
-        probe.k_amax = probe.v_amax = a
-        return probe.scales()[0]
-
-    for name in ("k", "v"):
-        scale = tensors[f"{name}_scale"].float().reshape(-1)
-        setattr(kv, f"{name}_amax", _preimage(forward, scale, scale * fmax))
+    return {"k_scale": kv.k_scale.float().reshape(shape).cpu(), "v_scale": kv.v_scale.float().reshape(shape).cpu()}

@@ -20,7 +20,8 @@ from .. import formats
 from ..errors import CheckpointError
 from ..recipe.schema import ActivationScheme, KVCacheScheme
 from . import schema
-from .reader import INDEX_NAME, WEIGHTS_NAME, read_json, read_quantization_config, shard_files
+from .files import (INDEX_NAME, PROVENANCE_NAME, WEIGHTS_NAME, read_header, read_json, read_quantization_config,
+                    recorded_shard_digests, shard_files, verify_shard)
 
 # Every class a quantized module of a causal LM can be matched by in ``config_groups``: only Linears are
 # quantized, and compressed-tensors matches class names along the MRO.
@@ -66,14 +67,22 @@ class StoredCheckpoint:
         config, qcfg = read_quantization_config(path)
         self.config = {k: v for k, v in config.items() if k != "quantization_config"}
         self.quantization_config = qcfg
-        self.provenance = read_json(path / "quantlab.json")
+        self.provenance = read_json(path / PROVENANCE_NAME)
         self.kv_cache: KVCacheScheme | None = schema.kv_scheme(qcfg.get("kv_cache_scheme"))
+        self.files = shard_files(path)
         self._file_of: dict[str, Path] = {}
-        for f in shard_files(path):
-            for key in _keys(f):
+        for f in self.files:
+            for key in read_header(f):
                 self._file_of[key] = f
         self._groups = qcfg["config_groups"]
         self._ignore = qcfg.get("ignore") or []
+
+    def verify(self) -> None:
+        """Check every shard against the SHA-256 quantlab.json records; CheckpointError naming the first
+        shard that differs. Reads each shard once: call it where the whole checkpoint is read anyway."""
+        digests = recorded_shard_digests(self.provenance)
+        for f in self.files:
+            verify_shard(f, digests.get(f.name))
 
     def names(self) -> list[str]:
         """Every stored tensor name, sorted."""
@@ -86,8 +95,12 @@ class StoredCheckpoint:
         f = self._file_of.get(name)
         if f is None:
             raise CheckpointError(f"{self.path}: the checkpoint has no tensor {name}")
-        with safe_open(str(f), framework="pt") as sf:
-            return sf.get_tensor(name)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                return sf.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for a corrupt file
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{f} is not a readable safetensors file ({first})") from None
 
     def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
         """Every tensor directly under ``module`` (``module.<local>``), by local name."""
@@ -129,17 +142,6 @@ class StoredCheckpoint:
         if "k_scale" not in local or "v_scale" not in local:
             raise CheckpointError(f"{self.path}: the KV cache is quantized but {attention} has no k_scale/v_scale")
         return local["k_scale"].float().reshape(-1), local["v_scale"].float().reshape(-1)
-
-
-def _keys(f: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(f), framework="pt") as sf:
-            return list(sf.keys())
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{f} is not a readable safetensors file ({first})") from None
 
 
 def is_checkpoint(path: str | Path) -> bool:

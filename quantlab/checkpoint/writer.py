@@ -23,18 +23,16 @@ import torch
 from torch import nn
 
 from .. import __version__, atomic
-from ..data import CalibrationSet
-from ..errors import CheckpointError, QuantlabError
+from ..errors import CheckpointError
 from ..fake_quant import KVCacheQuant, QuantLinear
-from ..models import resolve_model
-from ..pipeline import CalibrationResult, match_scheme
 from ..recipe.schema import Recipe
+from ..result import CalibrationResult
 from . import schema
+from .digest import file_sha256
+from .files import INDEX_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -61,17 +59,16 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
     return atomic.check_output(output, overwrite, error=CheckpointError)
 
 
-def _plan(model: nn.Module, recipe: Recipe) -> tuple[dict, int]:
+def _plan(model: nn.Module, recipe: Recipe, result: CalibrationResult) -> tuple[dict, int]:
     """quantization_config for the model as calibrated, and the number of quantized Linears."""
-    as_linear = nn.Linear(1, 1, bias=False, device="meta")  # what match_scheme saw before the swap
     modules, group_of, ignore = [], {}, []
     for name, module in model.named_modules():
         modules.append((name, schema.class_names(module)))
         if isinstance(module, QuantLinear):
-            group = match_scheme(name, as_linear, recipe)
+            group = result.schemes.get(name)
             if group is None or group.weights.format != module.qweight.fmt:
                 raise CheckpointError(f"{name} is quantized as {module.qweight.fmt}, "
-                                      f"which no scheme group of {recipe.path} gives it")
+                                      f"but the calibration result gives it no scheme group of {recipe.path} in that format")
             group_of[name] = group
         elif isinstance(module, nn.Linear):
             ignore.append(name)
@@ -99,11 +96,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _provenance(recipe: Recipe, calib: CalibrationSet, result: CalibrationResult) -> dict:
-    try:
-        resolved = resolve_model(recipe.model)
-    except QuantlabError:
-        resolved = None
+def _provenance(model: nn.Module, recipe: Recipe, calib, result: CalibrationResult) -> dict:
+    # transformers records the directory a model was loaded from; quantlab.models resolved it.
+    resolved = getattr(model, "name_or_path", None) or None
     return {
         "quantlab_version": __version__,
         "torch_version": torch.__version__,
@@ -187,7 +182,7 @@ def _write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
-def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib: CalibrationSet, result: CalibrationResult,
+def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib, result: CalibrationResult,
                      output: str | Path, overwrite: bool = False, *,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> WriteSummary:
     """Write the calibrated ``model`` (its targeted Linears are QuantLinears) as a checkpoint at ``output``.
@@ -195,7 +190,8 @@ def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib: Calibra
     Args:
         model: the model ``pipeline.calibrate`` quantized in place.
         tokenizer: its tokenizer (saved alongside).
-        recipe, calib, result: what made it; recorded in quantlab.json.
+        recipe, calib, result: what made it, recorded in quantlab.json (``calib`` is a
+            ``quantlab.data.CalibrationSet``: its source, digest and shape are read).
         output: the checkpoint directory to create.
         overwrite: replace an existing ``output`` (only after the new checkpoint is complete).
         max_shard_bytes: start a new safetensors shard past this many bytes of tensors.
@@ -205,13 +201,15 @@ def write_checkpoint(model: nn.Module, tokenizer, recipe: Recipe, calib: Calibra
             compressed-tensors cannot express (e.g. fp8_e5m2).
     """
     out = check_output(output, overwrite)
-    qcfg, num_quantized = _plan(model, recipe)
+    qcfg, num_quantized = _plan(model, recipe, result)
     config = _config_dict(model, recipe.export_dtype, qcfg)
-    provenance = _provenance(recipe, calib, result)
+    provenance = _provenance(model, recipe, calib, result)
     with atomic.atomic_directory(out, overwrite, error=CheckpointError) as tmp:
         shards, nbytes = _write_tensors(model, EXPORT_DTYPES[recipe.export_dtype], tmp, max_shard_bytes)
+        # Readers that read a whole shard check it against this (files.verify_shard).
+        provenance["shards"] = {s: file_sha256(tmp / s) for s in shards if s.endswith(".safetensors")}
         tokenizer.save_pretrained(tmp)
         _write_json(tmp / "config.json", config, sort_keys=True)  # as save_pretrained writes it
-        _write_json(tmp / "quantlab.json", provenance)
+        _write_json(tmp / PROVENANCE_NAME, provenance)
         files = tuple(sorted(p.name for p in tmp.iterdir()))
     return WriteSummary(out, files, nbytes, len([s for s in shards if s.endswith(".safetensors")]), num_quantized)

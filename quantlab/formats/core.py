@@ -60,10 +60,16 @@ def _group_size_for(spec: FormatSpec, group_size: int | None, per_tensor: bool) 
     return group_size
 
 
-def _grouped(x: torch.Tensor, group_size: int | None, per_tensor: bool) -> torch.Tensor:
-    """View ``x`` as [..., groups, group_len] so every format reduces over the last dimension."""
+def grouped(x: torch.Tensor, group_size: int | None = None, per_tensor: bool = False) -> torch.Tensor:
+    """View ``x`` as [..., groups, group_len], one scale's values per last-dimension run, so every
+    format, observer and search reduces over the last dimension: [1, numel] per tensor, [..., 1, K] per
+    channel/token, [..., K // g, g] per group of ``g``.
+
+    Raises:
+        FormatError: a last dimension not divisible by ``group_size``.
+    """
     if per_tensor:
-        return x.reshape(1, 1, -1)
+        return x.reshape(1, -1)
     if group_size is None:
         return x.unsqueeze(-2)
     k = x.shape[-1]
@@ -86,6 +92,7 @@ def quantize(
     amin: torch.Tensor | None = None,
     global_amax: torch.Tensor | None = None,
     global_scale: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
     check_finite: bool = True,
 ) -> QTensor:
     """Quantize ``x`` to ``fmt``.
@@ -102,6 +109,8 @@ def quantize(
             (a calibrated value for static activation global scales); default ``x``'s.
         global_scale: nvfp4 only: the global scale itself, as a checkpoint stores it
             (``input_global_scale``); takes precedence over ``global_amax``.
+        scale: per-tensor symmetric int/fp8 only: the scale itself, as a checkpoint stores it
+            (``input_scale``, shape [1]); takes precedence over ``amax``.
         check_finite: reject NaN/inf input. The check synchronizes with the GPU, so callers that
             quantize many slices of an already checked tensor (GPTQ's columns) turn it off.
 
@@ -109,7 +118,8 @@ def quantize(
         QTensor with codes of ``x``'s shape.
 
     Raises:
-        FormatError: on NaN/inf input or a last dimension not divisible by the group.
+        FormatError: on NaN/inf input, a last dimension not divisible by the group, or a stored
+            ``scale`` where a format or granularity has none of that kind.
     """
     spec = get_spec(fmt)
     if x.numel() == 0:
@@ -117,14 +127,20 @@ def quantize(
     if check_finite and not torch.isfinite(x).all():
         raise FormatError(f"cannot quantize to {fmt}: the tensor contains NaN or inf")
     gs = _group_size_for(spec, group_size, per_tensor)
-    xg = _grouped(x.float(), gs, per_tensor)
+    xg = grouped(x.float(), gs, per_tensor)
     shape = _scale_shape(xg, per_tensor)
-    if amax is None:
-        hi, lo = xg.amax(-1), xg.amin(-1)
+    if scale is not None:
+        if not per_tensor or not spec.symmetric or spec.family == "fp4":
+            raise FormatError(f"a stored scale applies to per-tensor int/fp8 quantization only (got {fmt}, "
+                              f"per_tensor={per_tensor})")
+        qp = QParams(fmt, scale.to(spec.scale_dtype).reshape(1, 1))
     else:
-        hi = amax.float().expand(xg.shape[:-1]) if amax.numel() > 1 else amax.float().reshape(1).expand(xg.shape[:-1])
-        lo = -hi if amin is None else (amin.float().expand(xg.shape[:-1]) if amin.numel() > 1 else amin.float().reshape(1).expand(xg.shape[:-1]))
-    qp = qparams(fmt, lo.unsqueeze(-1), hi.unsqueeze(-1), global_amax, global_scale)
+        if amax is None:
+            hi, lo = xg.amax(-1), xg.amin(-1)
+        else:
+            hi = amax.float().expand(xg.shape[:-1]) if amax.numel() > 1 else amax.float().reshape(1).expand(xg.shape[:-1])
+            lo = -hi if amin is None else (amin.float().expand(xg.shape[:-1]) if amin.numel() > 1 else amin.float().reshape(1).expand(xg.shape[:-1]))
+        qp = qparams(fmt, lo.unsqueeze(-1), hi.unsqueeze(-1), global_amax, global_scale)
     codes = _encode(xg, qp, spec)
     return QTensor(
         fmt=fmt,
@@ -203,8 +219,8 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode a QTensor to ``dtype`` (float32 arithmetic, one rounding to ``dtype`` at the end)."""
     spec = get_spec(q.fmt)
-    cg = _grouped(q.codes, q.group_size, q.per_tensor)
-    scale = q.scale.reshape(cg.shape[:-1]).unsqueeze(-1) if not q.per_tensor else q.scale.reshape(1, 1, 1)
+    cg = grouped(q.codes, q.group_size, q.per_tensor)
+    scale = q.scale.reshape(cg.shape[:-1]).unsqueeze(-1)
     zp = None if q.zero_point is None else q.zero_point.reshape(scale.shape)
     values = _decode(cg, QParams(q.fmt, scale, zp, q.global_scale), spec)
     return values.reshape(q.codes.shape).to(dtype)

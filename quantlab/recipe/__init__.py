@@ -3,8 +3,7 @@
 ``load_recipe`` is the only entry point that reads YAML; everything else takes a ``Recipe``.
 """
 
-from typing import Any
-
+from .load import load_recipe
 from .schema import (
     ActivationScheme,
     BuildOptions,
@@ -17,18 +16,6 @@ from .schema import (
     Stage,
     WeightScheme,
 )
-
-
-def __getattr__(name: str) -> Any:
-    # ``load_recipe`` is imported on first use: the loader needs ``quantlab.algorithms``, whose modules
-    # import ``quantlab.recipe.schema`` (through the observers), so importing it here would make
-    # ``import quantlab.algorithms`` circular.
-    if name == "load_recipe":
-        from .load import load_recipe
-
-        return load_recipe
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "ActivationScheme",

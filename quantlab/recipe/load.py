@@ -26,7 +26,8 @@ Unknown keys are refused everywhere, listing the allowed ones. Layout (``#`` mar
     eval: {dataset: calib_data/heldout/apache-2.0.txt, context_len: 512, stride: 256, max_tokens: 4096,
            tasks: [], limit: null, seed: 1234,
            gates: {max_ppl_increase_pct: 5, min_task_recovery_pct: 95, max_kl: 0.1, min_top1_agreement: 0.8}}
-    build: {max_batch_size: 64, max_seq_len: 2048, kv_block_size: 16}
+    build: {max_batch_size: 64, max_seq_len: 2048, max_num_tokens: 2048, tokens_per_block: 16,
+            kv_cache_dtype: auto, dtype: bfloat16, device: auto}
 
 A section left empty (``eval:`` with nothing under it) keeps all its defaults. Which formats,
 granularities, activation schemes and stage orders combine is spelled out in

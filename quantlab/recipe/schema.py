@@ -87,7 +87,7 @@ class Stage:
     """One algorithm in the ordered stage list: a transform (smoothquant, awq) or a rounder (rtn, gptq).
 
     Attributes:
-        algorithm: a key of ``quantlab.algorithms.ALGORITHMS``.
+        algorithm: a key of ``quantlab.recipe.stages.ALGORITHMS``.
         params: that algorithm's parameter dataclass instance.
     """
 
@@ -149,11 +149,26 @@ class EvalConfig:
 
 @dataclass(frozen=True, slots=True)
 class BuildOptions:
-    """Engine build options (read by ``quantlab build``)."""
+    """Engine build options (``quantlab build`` flags override them); baked into the engine.
+
+    Attributes:
+        max_batch_size: most sequences in one step (CUDA graphs are captured up to it).
+        max_seq_len: most tokens of one sequence, prompt plus output (the rope table and block tables).
+        max_num_tokens: most tokens computed in one step: the chunked-prefill budget.
+        tokens_per_block: tokens in one KV-cache block.
+        kv_cache_dtype: ``auto`` (FP8 E4M3 when the checkpoint has an FP8 KV scheme, else the compute
+            dtype), ``bf16`` (the compute dtype) or ``fp8_e4m3`` (the checkpoint's k/v scales, or 1.0).
+        dtype: compute dtype of activations and unquantized weights.
+        device: the target, ``auto`` (CUDA when present), ``cuda`` or ``cpu``.
+    """
 
     max_batch_size: int = 64
     max_seq_len: int = 2048
-    kv_block_size: int = 16
+    max_num_tokens: int = 2048
+    tokens_per_block: int = 16
+    kv_cache_dtype: str = "auto"
+    dtype: str = "bfloat16"
+    device: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

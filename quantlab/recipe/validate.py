@@ -17,8 +17,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..algorithms import ALGORITHMS, ROUNDERS, TRANSFORMS, AWQParams, GPTQParams, SmoothQuantParams
 from ..formats import FORMATS, INT_GROUP_SIZES
+from .stages import ALGORITHMS, ROUNDERS, TRANSFORMS, AWQParams, GPTQParams, SmoothQuantParams
 from .schema import (
     ActivationScheme,
     BuildOptions,
@@ -120,7 +120,11 @@ _CHECKS: dict[tuple[type, str], _Check] = {
     (Gates, "min_top1_agreement"): _UNIT,
     (BuildOptions, "max_batch_size"): _POSITIVE,
     (BuildOptions, "max_seq_len"): _POSITIVE,
-    (BuildOptions, "kv_block_size"): _POSITIVE,
+    (BuildOptions, "max_num_tokens"): _POSITIVE,
+    (BuildOptions, "tokens_per_block"): _POSITIVE,
+    (BuildOptions, "kv_cache_dtype"): _one_of("auto", "bf16", "fp8_e4m3"),
+    (BuildOptions, "dtype"): _one_of("bfloat16", "float16", "float32"),
+    (BuildOptions, "device"): _one_of("auto", "cuda", "cpu"),
     (GPTQParams, "block_size"): _POSITIVE,
     (GPTQParams, "dampening"): _FRACTION,
     (AWQParams, "grid"): _POSITIVE,
@@ -153,7 +157,16 @@ def build_recipe(data: Mapping[str, Any], *, path: str, text: str, sha256: str) 
         raise Violation("eval.stride", f"must be at most eval.context_len = {evaluation.context_len}",
                         evaluation.stride)
     return Recipe(path=path, text=text, sha256=sha256, **given, calibration=calibration, **quantization,
-                  stages=stages, eval=evaluation, build=_section(BuildOptions, data.get("build"), "build"))
+                  stages=stages, eval=evaluation, build=build_options(data.get("build")))
+
+
+def build_options(data: object, path: str = "build") -> BuildOptions:
+    """Validate a ``build:`` mapping (or ``quantlab build``'s flags given as one); None keeps the defaults."""
+    options = _section(BuildOptions, data, path)
+    if options.max_num_tokens < options.max_batch_size:
+        raise Violation(f"{_join(path, 'max_num_tokens')}", f"must be at least max_batch_size = {options.max_batch_size}",
+                        options.max_num_tokens)
+    return options
 
 
 def _join(path: str, key: str) -> str:

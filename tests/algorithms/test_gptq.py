@@ -50,10 +50,6 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return accumulate_hessian(None, 0, x)[0]
 
 
-def original_order(r) -> torch.Tensor:
-    return r.q if r.order is None else r.q[:, torch.argsort(r.order)]
-
-
 def reference_gptq(w: torch.Tensor, h: torch.Tensor, dampening: float) -> torch.Tensor:
     """The paper's algorithm as plainly as possible: per-channel int4 (min-max), no lazy blocks, no
     act order, no Cholesky trick. After rounding column j, its error times row j of H^-1 is subtracted
@@ -116,7 +112,7 @@ def test_block_size_does_not_change_groupwise_result_even_when_groups_straddle_b
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
     h = hessian_of(x)
     for act_order in (False, True):
-        results = [_round_columns(w, h, SCHEMES["int4_g32"], GPTQParams(block_size=b, act_order=act_order, static_groups=False)).q
+        results = [_round_columns(w, h, SCHEMES["int4_g32"], GPTQParams(block_size=b, act_order=act_order)).q
                    for b in (5, 32, 128)]
         for q in results[1:]:
             torch.testing.assert_close(q, results[0], rtol=0, atol=0)
@@ -141,7 +137,6 @@ def test_static_groups_keep_rtn_ranges_and_contiguous_groups():
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(10))
     scheme = SCHEMES["int4_g32"]
     qt, stats = gptq_quantize(w, hessian_of(x), scheme, GPTQParams(act_order=True, static_groups=True))
-    assert stats.g_idx is None
     # The group ranges are those of the original weight, i.e. RTN's, group k = columns [32k, 32k+32).
     rtn = observers.quantize_weight(w, scheme)
     torch.testing.assert_close(qt.scale, rtn.scale, rtol=0, atol=0)
@@ -151,24 +146,16 @@ def test_static_groups_keep_rtn_ranges_and_contiguous_groups():
     assert (q / step).abs().max() <= 8
 
 
-def test_dynamic_groups_with_act_order_return_a_consistent_g_idx():
-    scales = torch.logspace(-1.5, 1.5, 128)[torch.randperm(128, generator=torch.Generator().manual_seed(11))]
-    x, _ = correlated_inputs(12, 256, channel_scales=scales)
+def test_act_order_with_dynamic_groups_is_refused():
+    """Groups formed in processing order would need a weight_g_idx, which no quantlab checkpoint stores."""
+    x, _ = correlated_inputs(12, 256)
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(13))
-    h = hessian_of(x)
-    qt, stats = gptq_quantize(w, h, SCHEMES["int4_g32"], GPTQParams(act_order=True, static_groups=False))
-    g_idx = stats.g_idx
-    assert g_idx.dtype == torch.int32 and g_idx.shape == (128,)
-    assert torch.equal(torch.bincount(g_idx), torch.full((4,), 32))
-    # Group 0 holds the 32 columns with the largest Hessian diagonal (processed first).
-    assert set(torch.nonzero(g_idx == 0).flatten().tolist()) == set(torch.topk(torch.diag(h), 32).indices.tolist())
-    q = formats.dequantize(qt)[:, torch.argsort(torch.argsort(g_idx, stable=True))]
-    assert torch.equal(q, original_order(_round_columns(w, h, SCHEMES["int4_g32"], GPTQParams(act_order=True, static_groups=False))))
+    with pytest.raises(ValueError, match="static_groups=True"):
+        gptq_quantize(w, hessian_of(x), SCHEMES["int4_g32"], GPTQParams(act_order=True, static_groups=False))
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
-@pytest.mark.parametrize("params", [GPTQParams(block_size=32), GPTQParams(act_order=True),
-                                    GPTQParams(act_order=True, static_groups=False)], ids=["plain", "static", "g_idx"])
+@pytest.mark.parametrize("params", [GPTQParams(block_size=32), GPTQParams(act_order=True)], ids=["plain", "static"])
 def test_qtensor_decodes_exactly_to_the_rounded_weight(name, params):
     x, _ = correlated_inputs(14, 256)
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(15))

@@ -1,28 +1,36 @@
 """Our checkpoints, read by compressed-tensors itself (the library vLLM loads them with): the config
 parses, its matching assigns every module the scheme quantlab used, and its own decompressors turn our
-stored tensors into exactly our dequantized weights. Pinned to the layout of compressed-tensors 0.20."""
+stored tensors into exactly our dequantized weights. Pinned to the layout of compressed-tensors 0.20: the
+``test`` extra pins the exact version, and these tests fail (never skip) without it."""
 
+import importlib.metadata
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.compressors.format import infer_module_format
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+from compressed_tensors.utils.match import match_named_modules, match_targets
 from safetensors.torch import load_file
 
 from quantlab import formats
 from quantlab.checkpoint import schema
 from quantlab.checkpoint.reader import assign_groups, build_model
 from quantlab.checkpoint.writer import write_checkpoint
-from quantlab.fake_quant import KVCacheQuant, QuantLinear
+from quantlab.fake_quant import KVCacheQuant, QuantLinear, activation_scales
 from quantlab.recipe.schema import ActivationScheme as A
 from quantlab.recipe.schema import KVCacheScheme, SchemeGroup
 from quantlab.recipe.schema import WeightScheme as W
 
-ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
-from compressed_tensors.compressors.format import infer_module_format  # noqa: E402
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig  # noqa: E402
-from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam  # noqa: E402
-from compressed_tensors.utils.match import match_named_modules, match_targets  # noqa: E402
+def test_compressed_tensors_is_the_version_the_test_extra_pins():
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    (pinned,) = re.findall(r'"compressed-tensors==([^"]+)"', pyproject)
+    assert importlib.metadata.version("compressed-tensors") == pinned
+
 
 ALL = ("Linear",)
 SCHEMES = {
@@ -99,19 +107,36 @@ def test_compressed_tensors_decompressors_give_our_weights(written):
         assert weight.shape == ours.shape and torch.equal(weight, ours), name
 
 
-def test_static_scales_follow_compressed_tensors_formulas(written):
+def _amaxes(n: int, seed: int = 0) -> torch.Tensor:
+    """Positive float32 ranges spread over ten decades."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.empty(n).uniform_(-16.0, 7.0, generator=g)).float()
+
+
+@pytest.mark.parametrize("act", [A("fp8_e4m3", "tensor", False), A("nvfp4", "group", True)], ids=lambda a: a.format)
+def test_static_scales_follow_compressed_tensors_formulas(act):
+    """The input scales calibration gives a range are the ones compressed-tensors computes for it (int8:
+    see test_int8_static_input_scale_is_amax_over_127)."""
+    args = QuantizationArgs.model_validate(schema.activation_args(act))
+    for a in _amaxes(300):
+        a = a.reshape(1)
+        input_scale, input_global_scale = activation_scales(act, a)
+        if act.format == "nvfp4":
+            assert input_scale is None and torch.equal(input_global_scale, generate_gparam(-a, a))
+        else:
+            scale, _ = calculate_qparams(-a, a, args)
+            assert input_global_scale is None and torch.equal(input_scale, scale.float().reshape(1)), float(a)
+
+
+def test_stored_input_and_kv_scales_are_the_modules_own(written):
     c, _, qcfg, tensors = written
     qc = QuantizationConfig.model_validate(qcfg)
     for name, m in c.model.named_modules():
-        if isinstance(m, QuantLinear) and m.input_amax is not None:
-            a = m.input_amax.reshape(1)
-            if m.act.format == "nvfp4":
-                assert torch.equal(tensors[f"{name}.input_global_scale"], generate_gparam(-a, a))
-                assert torch.equal(tensors[f"{name}.weight_global_scale"], m.qweight.global_scale)
-            else:
-                act_args = next(s.input_activations for s in qc.config_groups.values() if s.input_activations)
-                scale, _ = calculate_qparams(-a, a, act_args)
-                assert torch.equal(tensors[f"{name}.input_scale"], scale.float())
+        if isinstance(m, QuantLinear):
+            for scale in ("input_scale", "input_global_scale"):
+                held = getattr(m, scale)
+                assert (f"{name}.{scale}" in tensors) == (held is not None), (name, scale)
+                assert held is None or torch.equal(tensors[f"{name}.{scale}"], held)
         if isinstance(m, KVCacheQuant):
             attn = name.rpartition(".")[0]
             heads = c.model.config.num_key_value_heads
@@ -119,6 +144,7 @@ def test_static_scales_follow_compressed_tensors_formulas(written):
             for kind in ("k", "v"):
                 assert tensors[f"{attn}.{kind}_scale"].shape == shape
                 assert tensors[f"{attn}.{kind}_scale"].dtype == torch.float32
+                assert torch.equal(tensors[f"{attn}.{kind}_scale"].reshape(-1), getattr(m, f"{kind}_scale"))
 
 
 def test_weight_global_scale_is_compressed_tensors_gparam_of_the_fused_weights(quantize, tmp_path):
@@ -141,14 +167,11 @@ def test_weight_global_scale_is_compressed_tensors_gparam_of_the_fused_weights(q
             assert torch.equal(tensors[f"{name}.weight_global_scale"], expected)
 
 
-def test_int8_static_input_scale_is_amax_over_127(quantize, tmp_path):
+def test_int8_static_input_scale_is_amax_over_127():
     """quantlab's symmetric int scale is amax/qmax (compressed-tensors' observer uses amax/127.5); both
     decode as code * scale, so vLLM reads the stored scale exactly as quantlab simulated it."""
-    c = quantize([SchemeGroup(ALL, W("int8", "channel"), A("int8", "tensor", False))])
-    write_checkpoint(c.model, c.tokenizer, c.recipe, c.calib, c.result, tmp_path / "ckpt")
-    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
-    q = c.model.model.layers[0].self_attn.q_proj
-    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.input_scale"], q.input_amax / 127)
+    for a in _amaxes(300, seed=3):
+        assert torch.equal(activation_scales(A("int8", "tensor", False), a)[0], (a / 127).reshape(1))
 
 
 @pytest.mark.parametrize("name", ["int4-asym-g32", "nvfp4-w4a4-kv-head", "mxfp4"])

@@ -1,5 +1,6 @@
 """Nibble and int32 packing: lossless, element 0 in the low bits, identical to compressed-tensors."""
 
+import importlib
 import pytest
 import torch
 
@@ -61,7 +62,7 @@ def test_pack_int32_rejects_bad_shapes(shape, dim):
 
 @pytest.mark.parametrize("dim, shape", [(1, (6, 64)), (1, (5, 40)), (1, (2, 8)), (0, (16, 4)), (0, (40, 3))])
 def test_pack_int32_equals_compressed_tensors_pack_to_int32(dim, shape):
-    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    helpers = importlib.import_module("compressed_tensors.compressors.pack_quantized.helpers")
     codes = _int4(shape, seed=dim)
     ours = pack_int32(codes, dim=dim)
     theirs = helpers.pack_to_int32(codes, num_bits=4, packed_dim=dim)
@@ -70,7 +71,7 @@ def test_pack_int32_equals_compressed_tensors_pack_to_int32(dim, shape):
 
 
 def test_pack_nibbles_equals_compressed_tensors_fp4_packing():
-    helpers = pytest.importorskip("compressed_tensors.compressors.nvfp4.helpers")
+    helpers = importlib.import_module("compressed_tensors.compressors.nvfp4.helpers")
     codes = torch.cat([torch.arange(16, dtype=torch.uint8), _uint4((48,))]).reshape(4, 16)
     # compressed-tensors packs E2M1 *values*; code 8 decodes to -0.0, whose sign bit it keeps.
     values = fp4.e2m1_decode(codes)
@@ -80,7 +81,6 @@ def test_pack_nibbles_equals_compressed_tensors_fp4_packing():
 
 def test_int4_asym_packed_tensors_decompress_in_compressed_tensors():
     """Our weight_packed / weight_scale / weight_zero_point decode in compressed-tensors' own compressor."""
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 

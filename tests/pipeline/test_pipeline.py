@@ -63,8 +63,9 @@ def test_static_activation_and_kv_ranges_are_calibrated():
     result = calibrate(model, recipe(Stage("rtn", RTNParams()), schemes=(FP8_STATIC,), kv=KVCacheScheme()),
                        random_calibration(), torch.device("cpu"), progress=False)
     q = model.model.layers[0].self_attn.q_proj
-    assert q.input_amax is not None and q.input_amax.item() > 0
-    assert len(result.kv_states) == 2 and all(s.k_amax.item() > 0 and s.v_amax.item() > 0 for s in result.kv_states)
+    assert q.input_scale is not None and q.input_scale.item() > 0
+    assert len(result.kv_states) == 2 and all(s.k_scale.item() > 0 and s.v_scale.item() > 0 for s in result.kv_states)
+    assert result.schemes["model.layers.0.self_attn.q_proj"] is FP8_STATIC
 
 
 def test_smoothquant_then_gptq_w8a8_runs_and_keeps_error_small():
@@ -113,6 +114,6 @@ def test_nvfp4_shards_vllm_fuses_share_one_global_scale(rounder):
         for shards in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
             scales = [m.qweight.global_scale.item() for m in shards]
             assert scales == [scales[0]] * len(shards), scales
-            assert len({m.input_amax.item() for m in shards}) == 1
+            assert len({m.input_global_scale.item() for m in shards}) == 1
         # Unfused Linears keep their own: o_proj's amax differs from q/k/v's.
         assert attn.o_proj.qweight.global_scale.item() != attn.q_proj.qweight.global_scale.item()

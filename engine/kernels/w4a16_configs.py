@@ -1,0 +1,62 @@
+"""W4A16 launch configurations: the fixed per-shape heuristics and the candidates the build-time tuner times.
+
+``w4a16.tune`` times ``candidate_configs`` on the target GPU per M bucket; the engine stores the winners in
+``LinearSpec.kernel_config`` and ``config_for`` reads them back at run time (no tuning at run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+from .timing import tuned_for
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration (what ``tune`` picks per M bucket and the engine stores)."""
+
+    path: str = "triton"  # or "dequant": dequantize once, then cuBLAS
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def heuristic_config(m: int, n: int, k: int, sms: int = 132) -> Config:
+    """A fixed per-shape choice used when no tuned config is stored."""
+    if m <= 16:
+        block_n, block_k = 64, 256 if k >= 2048 else 128
+        tiles = triton.cdiv(n, block_n)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * block_k) or 1, 16))
+        return Config("triton", 16, block_n, block_k, split, 4, 4)
+    return Config("dequant")  # from M = 17 on: the tiled kernel measured 0.1-0.4x BF16 at M = 64-256
+
+
+def candidate_configs(m: int, n: int, k: int) -> list[Config]:
+    """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
+    base = heuristic_config(m, n, k)
+    if m <= 16:  # the split is a run-time argument: 2 compilations cover these 8, plus the GEMV forms
+        out = [Config("triton", 16, bn, 256, sp, 4, 4) for bn in (64, 128) for sp in (1, 2, 4, 8)]
+        if m == 1:  # the GEMV form, in tiles that compile without spills (sm_90 SASS read offline)
+            out += [Config("triton", 1, bn, 256, sp, 4, 3) for bn in (64, 32) for sp in (1, 2, 4, 8)]
+    elif m <= 256:
+        # The H200 run of 2026-12-02 timed only the first three (split 1): 32 to 64 CTAs for 4K-wide
+        # layers, 0.1-0.4x BF16. Split-K tiles and the dequantize-then-cuBLAS path were added after it,
+        # from that run's M = 1024 figures (dequantizing costs about one weight pass); not yet timed.
+        out = [Config("triton", bm, bn, bk, sp, w, st) for bm, bn, bk, sp, w, st in (
+            (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (32, 64, 128, 4, 4, 4),
+            (64, 64, 128, 4, 4, 4), (64, 64, 128, 8, 4, 4))]
+        out.append(Config("dequant"))
+    else:
+        out = [Config("triton", 128, 128, 128, 1, 8, 3), Config("dequant")]
+    return [base] + [c for c in out if c != base]
+
+
+def config_for(configs: dict | None, m: int, n: int, k: int) -> Config:
+    """The stored config of the smallest tuned bucket >= ``m`` (else the largest), or the heuristic."""
+    cfg = tuned_for(configs, m)
+    return heuristic_config(m, n, k) if cfg is None else Config(**cfg)

@@ -1,0 +1,85 @@
+"""The serving commands: ``serve`` (the OpenAI-compatible HTTP server) and ``bench`` (offline throughput,
+online latency sweeps, the HF baseline). Registered on ``quantlab.cli.app`` by importing this module;
+each parses flags, calls one function and lets ``_user_errors`` turn a ``QuantlabError`` into one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli import _user_errors, app
+from .errors import QuantlabError
+
+
+def _list(text: str | None, kind, flag: str) -> tuple:
+    if text is None:
+        return ()
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise QuantlabError(f"{flag} takes comma-separated numbers (got {text!r})") from None
+
+
+def _levels(text: str | None) -> tuple[int | None, ...]:
+    """--concurrency: comma-separated integers, `all` meaning no limit (the default)."""
+    return tuple(None if c.strip() == "all" else _list(c, int, "--concurrency")[0]
+                 for c in (text or "all").split(",") if c.strip())
+
+
+@app.command()
+@_user_errors
+def serve(
+    engine_dir: Annotated[Path, typer.Argument(help="An engine directory made by `quantlab build`.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_queue: Annotated[int, typer.Option(help="Sequences waiting for a first token before new requests get 429.")] = 1024,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds a request may take before it gets 408.")] = None,
+    grace_period: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests.")] = 30.0,
+    served_model_name: Annotated[str | None, typer.Option(help="Model name in the API (default: the engine dir's name).")] = None,
+) -> None:
+    """Serve an engine over an OpenAI-compatible HTTP API until SIGTERM (then drain and exit 0)."""
+    from .engine.async_llm import AsyncLLM
+    from .engine.server import ServerSettings
+    from .engine.server import serve as run_server
+
+    settings = ServerSettings(host=host, port=port, max_queue=max_queue, request_timeout=request_timeout,
+                              grace_period=grace_period, model_name=served_model_name)
+    run_server(AsyncLLM.from_engine_dir(engine_dir), settings)
+
+
+@app.command()
+@_user_errors
+def bench(
+    engine_dir: Annotated[Path, typer.Argument(help="The engine measured (with --url: the engine that server runs).")],
+    mode: Annotated[str, typer.Option(help="offline (straight into the engine) or online (through the HTTP server).")] = "offline",
+    url: Annotated[str | None, typer.Option(help="Online: a running server; default: start one on a free loopback port.")] = None,
+    num_requests: Annotated[int, typer.Option(help="Requests per sweep point.")] = 256,
+    input_len: Annotated[int, typer.Option(help="Prompt tokens per request (mean when --range-ratio > 0).")] = 512,
+    output_len: Annotated[int, typer.Option(help="Generated tokens per request (mean when --range-ratio > 0).")] = 128,
+    range_ratio: Annotated[float, typer.Option(help="Spread lengths uniformly by this fraction around the means.")] = 0.0,
+    concurrency: Annotated[str | None, typer.Option(help="Comma-separated in-flight limits to sweep, e.g. 1,16,64,256 (default: unbounded).")] = None,
+    request_rate: Annotated[str | None, typer.Option(help="Online: comma-separated Poisson rates (req/s; inf = all at once) to sweep.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="hf: the same requests through transformers generate, side by side.")] = None,
+    hf_model: Annotated[str | None, typer.Option(help="Model for the HF baseline (default: the engine's source).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of prompts, lengths and arrivals.")] = 0,
+    output: Annotated[str | None, typer.Option(help="Directory for results.json, table.txt and the plot.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Measure an engine: offline throughput or online latency/throughput sweeps, optionally against HF."""
+    from .engine.bench import BenchConfig, run_bench
+    from .engine.bench_report import format_table
+    from .engine.bench_workload import Workload
+
+    cfg = BenchConfig(mode=mode, engine_dir=str(engine_dir), url=url, concurrency=_levels(concurrency),
+                      workload=Workload(num_requests, input_len, output_len, range_ratio, seed),
+                      request_rates=_list(request_rate, float, "--request-rate"), baseline=baseline,
+                      hf_model=hf_model, output=output, overwrite=overwrite, progress=not quiet)
+    report = run_bench(cfg)
+    typer.echo(f"{mode} bench of {engine_dir} on {report['device']}, {report['date']}: "
+               f"{num_requests} requests, {input_len} in / {output_len} out")
+    typer.echo(format_table(report))
+    if output is not None:
+        typer.echo(f"wrote {output}/results.json, table.txt, throughput_latency.png")

@@ -1,0 +1,115 @@
+"""quantlab bench: workloads are exact and reproducible, offline/online sweeps count every token and time
+every request, the HF baseline runs the same prompts, and the report is written whole."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from engine_helpers import build
+from quantlab.cli import app
+from quantlab.engine.bench import BenchConfig, run_bench
+from quantlab.engine.bench_workload import BenchError, RequestTiming, Workload, percentile, summarize
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    build(tiny_model[0], out, max_batch_size=8, max_num_tokens=64)
+    return out
+
+
+def test_workload_is_reproducible_and_lengths_stay_in_range():
+    w = Workload(200, 20, 10, range_ratio=0.5, seed=3)
+    reqs = w.requests(256, {1})
+    assert reqs == w.requests(256, {1}) and reqs != Workload(200, 20, 10, 0.5, seed=4).requests(256, {1})
+    assert all(10 <= len(r.prompt_token_ids) <= 30 and 5 <= r.output_len <= 15 for r in reqs)
+    assert not any(1 in r.prompt_token_ids for r in reqs), "special ids are never drawn"
+    assert {len(r.prompt_token_ids) for r in Workload(5, 7, 3).requests(256, set())} == {7}
+
+
+def test_bad_workload_or_config_is_one_sentence():
+    with pytest.raises(BenchError, match="--input-len"):
+        Workload(1, 0, 1)
+    with pytest.raises(BenchError, match="online"):
+        BenchConfig("offline", "x", Workload(1, 1, 1), request_rates=(2.0,))
+
+
+def test_percentile_matches_numpy():
+    values = list(np.random.default_rng(0).exponential(size=101))
+    for q in (50, 90, 99):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_summary_counts_tokens_and_throughput():
+    t = [RequestTiming(10, 4, ttft=0.1, e2e=0.4, output_tokens=4, itl=[0.1, 0.1, 0.1]),
+         RequestTiming(6, 4, error="boom")]
+    s = summarize(t, 2.0, [(0.5, 3), (0.25, 7)])
+    assert (s["completed"], s["failed"], s["output_tok_per_s"], s["total_tok_per_s"]) == (1, 1, 2.0, 7.0)
+    assert s["tpot_p50_s"] == pytest.approx(0.1) and (s["kv_usage_max"], s["kv_usage_mean"], s["running_max"]) == (0.5, 0.375, 7)
+
+
+def test_offline_bench_times_every_token_and_writes_the_report(engine_dir, tmp_path):
+    out = tmp_path / "report"
+    cfg = BenchConfig("offline", str(engine_dir), Workload(12, 8, 6, seed=1), concurrency=(None, 4),
+                      output=str(out), progress=False)
+    report = run_bench(cfg)
+    assert [p["label"] for p in report["points"]] == ["c=all", "c=4"]
+    for p in report["points"]:
+        s = p["summary"]
+        assert (s["completed"], s["failed"], s["output_tokens"], s["input_tokens"]) == (12, 0, 72, 96)
+        assert all(r["ttft"] > 0 and len(r["itl"]) == 5 and r["e2e"] >= r["ttft"] for r in p["requests"])
+        assert s["kv_usage_max"] is not None and 0 <= s["running_max"] <= 8  # the engine's max_batch_size
+    assert report["engine"]["num_kv_blocks"] > 0 and report["engine"]["kv_cache_dtype"] == "bf16"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["num_requests"] == 12 and len(saved["points"][1]["requests"]) == 12
+    assert "c=4" in (out / "table.txt").read_text()
+    assert (out / "throughput_latency.png").stat().st_size > 0
+    with pytest.raises(BenchError, match="exists"):
+        run_bench(cfg)
+
+
+def test_online_bench_through_a_started_server(engine_dir):
+    cfg = BenchConfig("online", str(engine_dir), Workload(10, 6, 5, range_ratio=0.4, seed=2), concurrency=(3,),
+                      request_rates=(200.0, float("inf")), progress=False)
+    report = run_bench(cfg)
+    assert [p["label"] for p in report["points"]] == ["rate=200/s c=3", "rate=inf/s c=3"]
+    want = sum(r.output_len for r in cfg.workload.requests(256, {1}))
+    for p in report["points"]:
+        s = p["summary"]
+        assert s["failed"] == 0 and s["output_tokens"] == want
+        assert s["ttft_p99_s"] >= s["ttft_p50_s"] > 0 and s["itl_p50_s"] > 0
+
+
+def test_hf_baseline_runs_the_same_requests(engine_dir):
+    cfg = BenchConfig("offline", str(engine_dir), Workload(6, 5, 4, seed=0), concurrency=(3,), baseline="hf",
+                      progress=False)
+    report = run_bench(cfg)
+    (row,) = report["baseline"]
+    assert row["batch_size"] == 3 and row["output_tokens"] == 24 and row["input_tokens"] == 30
+    assert row["engine_speedup"] == pytest.approx(report["points"][0]["summary"]["output_tok_per_s"] / row["output_tok_per_s"])
+
+
+def test_bench_cli_prints_the_table(engine_dir):
+    r = CliRunner().invoke(app, ["bench", str(engine_dir), "--num-requests", "4", "--input-len", "4",
+                                 "--output-len", "3", "--concurrency", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "out tok/s" in r.output and "c=2" in r.output
+    for flag, value in (("--request-rate", "fast"), ("--concurrency", "1,many")):
+        bad = CliRunner().invoke(app, ["bench", str(engine_dir), flag, value])
+        assert bad.exit_code == 2 and flag in bad.output and "Traceback" not in bad.output
+
+
+def test_online_bench_against_a_running_server_url(engine_dir):
+    from quantlab.engine.async_llm import AsyncLLM
+    from quantlab.engine.server import background_server
+
+    cfg = dict(mode="online", engine_dir=str(engine_dir), workload=Workload(4, 4, 3), concurrency=(2,), progress=False)
+    with background_server(AsyncLLM.from_engine_dir(engine_dir)) as (url, _):
+        report = run_bench(BenchConfig(url=url, **cfg))
+    assert report["points"][0]["summary"]["output_tokens"] == 12 and report["points"][0]["summary"]["failed"] == 0
+    with pytest.raises(BenchError, match="no OpenAI-compatible server answers"):
+        run_bench(BenchConfig(url="http://127.0.0.1:9", **cfg))
