@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from quantlab.data import digest, load_texts, resolve_data_path
+from quantlab.data import DATA_ROOT, digest, load_texts, resolve_data_path
 from quantlab.errors import QuantlabError
 
 
@@ -38,15 +38,15 @@ class EvalTokens:
 def dataset_files(path: str) -> list[Path]:
     """The held-out file, or every .txt/.jsonl file of a directory in name order.
 
-    A file is resolved by ``quantlab.data.resolve_data_path``; a directory must exist as given (relative
-    to the current directory), since bundled data is addressed file by file.
+    A file is resolved by ``quantlab.data.resolve_data_path``; a directory is looked up the same two
+    ways, as given and under ``quantlab.data.DATA_ROOT`` (the bundled data).
     """
-    d = Path(path).expanduser()
-    if d.is_dir():
-        files = sorted(f for f in d.iterdir() if f.suffix in (".txt", ".jsonl"))
-        if not files:
-            raise QuantlabError(f"evaluation directory {d} holds no .txt or .jsonl file")
-        return files
+    for d in (Path(path).expanduser(), DATA_ROOT / path):
+        if d.is_dir():
+            files = sorted(f for f in d.iterdir() if f.suffix in (".txt", ".jsonl"))
+            if not files:
+                raise QuantlabError(f"evaluation directory {d} holds no .txt or .jsonl file")
+            return files
     try:
         return [resolve_data_path(path)]
     except QuantlabError as e:

@@ -13,6 +13,12 @@ def test_bundled_heldout_file_resolves_from_another_directory(tmp_path, monkeypa
     assert f.is_file() and "Apache License" in f.read_text()
 
 
+def test_bundled_heldout_directory_resolves_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = [f.name for f in dataset_files("calib_data/heldout")]
+    assert "apache-2.0.txt" in names and names == sorted(names)
+
+
 def test_a_directory_lists_its_text_files_in_name_order(tmp_path):
     for name in ("b.jsonl", "a.txt", "skip.md"):
         (tmp_path / name).write_text("x")
