@@ -1,7 +1,8 @@
 """``quantlab build``: compile a checkpoint or an unquantized model into an engine directory.
 
 All the work the runtime must not repeat happens here: q/k/v and gate/up fusion (``layout.fuse``),
-each linear packed by ``kernels.linear.pack`` for its kernel, unquantized tensors cast to the compute
+each linear packed by ``kernels.linear.pack`` for its kernel (and, on a CUDA target, its launch choices
+measured by ``kernels.linear.tune``), unquantized tensors cast to the compute
 dtype, the RoPE table (with the model's scaling) and the FP8 KV scales computed. The source is read one
 tensor/module at a time and the weights are written in shards of at most ``SHARD_BYTES``, so a model larger
 than host memory builds. Everything lands in a temporary directory renamed into place (quantlab.atomic).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from quantlab.atomic import atomic_directory
 from quantlab.recipe.schema import BuildOptions
 
 from .config import BuildLimits, EngineConfig, EngineError
-from .kernels.linear import LinearSpec, pack
+from .kernels.linear import LinearSpec, pack, tune
 from .layout import fuse
 from .manifest import current_target, current_versions, write_manifest
 from .model import FUSED
@@ -87,7 +88,18 @@ def _kv_dtype(option: str, source) -> str:
     return option
 
 
-def _projection(source, writer: _ShardWriter, specs: dict, fusion: dict, dtype, layer: str, hf: str, name: str):
+def _pack(weight, bias, dtype, device: str) -> tuple[LinearSpec, dict[str, torch.Tensor]]:
+    """``kernels.linear.pack``, plus the launch choices ``kernels.linear.tune`` measures on a CUDA target."""
+    spec, tensors = pack(weight, dtype, bias)
+    if device == "cuda":
+        config = tune(spec, {k: t.to(device) for k, t in tensors.items()})
+        if config is not None:
+            spec = replace(spec, kernel_config=config)
+    return spec, tensors
+
+
+def _projection(source, writer: _ShardWriter, specs: dict, fusion: dict, dtype, device: str, layer: str, hf: str,
+                name: str):
     """Write one (possibly fused) projection of ``layer`` (engine name) read from ``hf`` (source prefix)."""
     parts = [f"{hf}.{p}" for p in FUSED.get(name, (name,))]
     read = [source.linear(p) for p in parts]
@@ -97,7 +109,7 @@ def _projection(source, writer: _ShardWriter, specs: dict, fusion: dict, dtype, 
     if fused is None:
         fusion[f"{layer}.{name}"] = f"stored unfused: {why}"
     for engine_name, (weight, bias) in groups:
-        spec, tensors = pack(weight, dtype, bias)
+        spec, tensors = _pack(weight, bias, dtype, device)
         specs[engine_name] = spec
         for local, t in tensors.items():
             writer.add(f"{engine_name}.{local}", t)
@@ -131,9 +143,9 @@ def build_engine(source: str, output: str | Path, options: BuildOptions, *, over
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 w.add(f"{layer}.{norm}.weight", src.tensor(f"{hf}.{norm}.weight").to(dtype))
             for name in ("qkv_proj", "o_proj"):
-                _projection(src, w, specs, fusion, dtype, layer, f"{hf}.self_attn", name)
+                _projection(src, w, specs, fusion, dtype, device, layer, f"{hf}.self_attn", name)
             for name in ("gate_up_proj", "down_proj"):
-                _projection(src, w, specs, fusion, dtype, layer, f"{hf}.mlp", name)
+                _projection(src, w, specs, fusion, dtype, device, layer, f"{hf}.mlp", name)
             if kv_dtype == "fp8_e4m3":
                 scales = src.kv_scales(f"{hf}.self_attn")
                 kv_scales = "checkpoint" if scales is not None else "unit"
@@ -145,7 +157,7 @@ def build_engine(source: str, output: str | Path, options: BuildOptions, *, over
         if quantized_head or not shape.tie_word_embeddings:
             shape = shape if not quantized_head else _untied(shape)
             weight, bias = src.linear("lm_head")
-            spec, tensors = pack(weight, dtype, bias)
+            spec, tensors = _pack(weight, bias, dtype, device)
             specs["lm_head"] = spec
             for local, t in tensors.items():
                 w.add(f"lm_head.{local}", t)
@@ -169,6 +181,4 @@ def build_engine(source: str, output: str | Path, options: BuildOptions, *, over
 
 
 def _untied(shape):
-    from dataclasses import replace
-
     return replace(shape, tie_word_embeddings=False)

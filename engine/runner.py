@@ -114,6 +114,7 @@ class ModelRunner:
                               f"sequence of max_seq_len {self.config.limits.max_seq_len} needs ({self.max_blocks})")
         return blocks
 
+    @torch.inference_mode()
     def _dummy_forward(self) -> None:
         """One worst-case step (``max_num_tokens`` prefill tokens, ``max_batch_size`` logits rows) on a
         provisional cache, to measure the activation peak."""

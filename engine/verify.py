@@ -89,15 +89,15 @@ def heldout_prompts(tokenizer, num_prompts: int, prompt_tokens: int = PROMPT_TOK
     return prompts
 
 
-def load_reference(source: str | Path):
-    """The float32 reference model of a checkpoint (simulated quantization) or an unquantized model."""
+def load_reference(source: str | Path, dtype: torch.dtype = torch.float32):
+    """The reference model of a checkpoint (simulated quantization) or an unquantized model, in ``dtype``."""
     if is_checkpoint(source):
         from quantlab.checkpoint.reader import load_quantized
 
-        return load_quantized(source, torch.float32)[0]
+        return load_quantized(source, dtype)[0]
     from quantlab.models import load_model
 
-    return load_model(str(source), torch.float32)[0]
+    return load_model(str(source), dtype)[0]
 
 
 def _first_step_logits(engine, prompt: list[int]) -> torch.Tensor:
@@ -109,8 +109,10 @@ def _first_step_logits(engine, prompt: list[int]) -> torch.Tensor:
 
 
 def verify_engine_against(engine_dir: str | Path, source: str | Path, num_prompts: int = 16, max_tokens: int = 24,
-                          logprob_gap: float = DEFAULT_GAP, prompts: list[list[int]] | None = None) -> VerifyResult:
-    """Teacher-forced comparison of ``engine_dir`` with the reference model of ``source`` (module docstring)."""
+                          logprob_gap: float = DEFAULT_GAP, prompts: list[list[int]] | None = None,
+                          reference_dtype: torch.dtype = torch.float32) -> VerifyResult:
+    """Teacher-forced comparison of ``engine_dir`` with the reference model of ``source`` (module docstring),
+    the reference computing in ``reference_dtype``."""
     from .llm import LLMEngine
     from .sampling import SamplingParams
 
@@ -126,7 +128,7 @@ def verify_engine_against(engine_dir: str | Path, source: str | Path, num_prompt
             if out.finished:
                 generated[out.request_id] = out.outputs[0].token_ids
     del engine
-    reference = load_reference(source)
+    reference = load_reference(source, reference_dtype)
     results = []
     for i, p in enumerate(prompts):
         tokens = generated[str(i)]

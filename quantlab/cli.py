@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -146,6 +145,3 @@ def main() -> None:
     """Console entry point."""
     app(prog_name="quantlab")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -133,15 +133,22 @@ def verify(
     max_tokens: Annotated[int, typer.Option(help="Greedy tokens per prompt.")] = 24,
     threshold: Annotated[float | None, typer.Option(help="Least fraction of tokens within the gap (default: see docs/engine.md).")] = None,
     logprob_gap: Annotated[float | None, typer.Option(help="Largest log-probability gap to the reference's argmax.")] = None,
+    reference_dtype: Annotated[str, typer.Option(help="Dtype the reference computes in: float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Teacher-forced check that the engine's greedy tokens are ones the reference model would pick.
 
     Exit code 0: at or above the threshold; 3: below it; 2: bad input.
     """
+    import torch
+
     from .engine.verify import DEFAULT_GAP, DEFAULT_THRESHOLD, verify_engine_against
 
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if reference_dtype not in dtypes:
+        raise QuantlabError(f"--reference-dtype must be one of {', '.join(dtypes)} (got {reference_dtype!r})")
     result = verify_engine_against(engine, against, num_prompts=num_prompts, max_tokens=max_tokens,
-                                   logprob_gap=DEFAULT_GAP if logprob_gap is None else logprob_gap)
+                                   logprob_gap=DEFAULT_GAP if logprob_gap is None else logprob_gap,
+                                   reference_dtype=dtypes[reference_dtype])
     typer.echo(result.summary())
     limit = DEFAULT_THRESHOLD if threshold is None else threshold
     passed = result.within_gap >= limit

@@ -1,0 +1,8 @@
+"""``python -m quantlab``: the same command line as the ``quantlab`` entry point.
+
+(Running ``quantlab.cli`` itself as ``__main__`` would build a second, partial app: the engine and serving
+commands register on the imported ``quantlab.cli`` module, not on ``__main__``.)"""
+
+from quantlab.cli import main
+
+main()
