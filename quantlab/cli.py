@@ -111,6 +111,7 @@ def evaluate(
     Exit code 0: all gates pass; 3: a gate failed; 2: bad input.
     """
     import shlex
+    import sys
 
     from .evaluation.compare import run_compare
     from .evaluation.progress import wanted
