@@ -20,39 +20,18 @@ from __future__ import annotations
 import inspect
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from quantlab.data import digest, load_texts, resolve_data_path
 from quantlab.errors import QuantlabError
 
+from .text import EvalTokens
+
 ORIGINAL = "original"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class EvalTokens:
-    """Tokenized held-out documents.
-
-    Attributes:
-        docs: one int64 1-D tensor of token ids per document, in order, cut to the token budget.
-        names: a label per document (``file`` or ``file#row``).
-        digest: sha256 of all token ids in order (``quantlab.data.digest``), so reports can be matched.
-    """
-
-    docs: tuple[torch.Tensor, ...]
-    names: tuple[str, ...]
-    digest: str
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(d) for d in self.docs)
 
 
 @dataclass(frozen=True)
@@ -76,6 +55,11 @@ class ModelScores:
         doc_perplexity: exp(mean NLL) per document, in document order.
         kl: mean KL(P_orig || P_this) in nats per token; 0 for the original itself.
         top1_agreement: fraction of scored tokens whose argmax equals the original's; 1 for the original.
+        token_nll: per document, float32 [len(doc)]: the NLL of each token given the text before it
+            (NaN for the document's first token, which is never scored).
+        window_kl, window_top1: per window in text order (``windows``), the mean KL and the top-1
+            agreement over that window's scored tokens: their spread shows whether damage is even or
+            concentrated in a few passages.
     """
 
     perplexity: float
@@ -84,49 +68,36 @@ class ModelScores:
     doc_perplexity: tuple[float, ...]
     kl: float
     top1_agreement: float
+    token_nll: tuple[torch.Tensor, ...]
+    window_kl: tuple[float, ...]
+    window_top1: tuple[float, ...]
 
     def doc_spread(self) -> dict[str, float]:
         """min / median / max / std of the per-document perplexities."""
-        p = self.doc_perplexity
-        return {"min": min(p), "median": statistics.median(p), "max": max(p),
-                "std": statistics.pstdev(p) if len(p) > 1 else 0.0}
+        return spread(self.doc_perplexity)
 
 
-def dataset_files(path: str) -> list[Path]:
-    """The held-out file, or every .txt/.jsonl file of a directory in name order (relative paths are
-    tried against the current directory, then against quantlab's repository root)."""
-    for d in (Path(path).expanduser(), _REPO_ROOT / path):
-        if d.is_dir():
-            files = sorted(f for f in d.iterdir() if f.suffix in (".txt", ".jsonl"))
-            if not files:
-                raise QuantlabError(f"evaluation directory {d} holds no .txt or .jsonl file")
-            return files
-    return [resolve_data_path(path)]
+def spread(values) -> dict[str, float]:
+    """min / median / max / population std of a non-empty sequence of numbers."""
+    v = list(values)
+    return {"min": min(v), "median": statistics.median(v), "max": max(v),
+            "std": statistics.pstdev(v) if len(v) > 1 else 0.0}
 
 
-def load_eval_tokens(path: str, tokenizer, max_tokens: int | None, text_field: str = "text") -> EvalTokens:
-    """Tokenize held-out documents in order until ``max_tokens`` tokens are taken (the last document is
-    cut to fit; None = all). Each document is tokenized on its own with the tokenizer's usual special
-    tokens (a BOS where the model expects one, which is then context, never scored)."""
-    docs, names, total = [], [], 0
-    for f in dataset_files(path):
-        if max_tokens is not None and total >= max_tokens:
-            break
-        texts = load_texts(str(f), text_field)
-        for i, text in enumerate(texts):
-            if max_tokens is not None and total >= max_tokens:
-                break
-            ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-            if max_tokens is not None:
-                ids = ids[: max_tokens - total]
-            if len(ids) < 2:
-                continue  # nothing to predict
-            docs.append(ids)
-            names.append(f.name if len(texts) == 1 else f"{f.name}#{i}")
-            total += len(ids)
-    if not docs:
-        raise QuantlabError(f"the evaluation text {path} holds no document of two or more tokens")
-    return EvalTokens(tuple(docs), tuple(names), digest(torch.cat(docs)))
+class Reference:
+    """The original model's log-probs at every scored position, row-aligned with the windows in text
+    order (window i owns rows ``offset[i] : offset[i] + num_scored``), so the original need not run again
+    for another checkpoint evaluated on the same tokens (``evaluation/reference.py`` keeps them on disk).
+
+    Subclasses implement ``rows``; ``None`` from it means "not stored: run the model".
+    """
+
+    def rows(self, start: int, stop: int) -> torch.Tensor | None:
+        """float32 [stop - start, vocab] log-probs of the original, or None."""
+        return None
+
+    def put(self, start: int, logp: torch.Tensor) -> None:
+        """Take the original's freshly computed log-probs for rows ``start : start + len(logp)``."""
 
 
 def windows(doc_lengths: list[int], context_len: int, stride: int) -> list[Window]:
@@ -167,33 +138,43 @@ def score(
     context_len: int,
     stride: int,
     batch_size: int = 4,
-    progress: bool = True,
+    *,
+    reference: Reference | None = None,
+    on_windows: Callable[[int], None] | None = None,
 ) -> dict[str, ModelScores]:
-    """Score the original and each candidate over the same windows, batch by batch.
+    """Score the original and each candidate over the same windows, in one loop: each batch of windows
+    goes through every model before the next batch, so KL and top-1 agreement need no second pass.
 
     Args:
         original: the reference model; KL and top-1 agreement are measured against it.
         candidates: name -> model (quantized copies); a name may not be ``"original"``.
-        tokens: from ``load_eval_tokens``.
+        tokens: from ``text.load_eval_tokens``.
         context_len, stride: window length and step, in tokens.
         batch_size: windows per forward pass. Only the scored positions' logits are kept, so memory is
             about batch_size x stride x vocab floats per model (context_len x vocab for first windows).
+        reference: where the original's log-probs may already be stored (then the original does not
+            run) and where freshly computed ones are handed (``Reference.put``).
+        on_windows: called with the number of windows just finished, after each batch (progress).
 
     Returns:
         ``{"original": ModelScores, name: ModelScores, ...}``.
     """
     if ORIGINAL in candidates:
         raise QuantlabError(f"a candidate may not be called {ORIGINAL!r}")
+    reference = reference or Reference()
     models = {ORIGINAL: original, **candidates}
     wins = windows([len(d) for d in tokens.docs], context_len, stride)
-    wins.sort(key=lambda w: -(w.end - w.start))  # similar lengths share a batch: little padding
-    num_docs = len(tokens.docs)
-    nll_sum = {m: [0.0] * num_docs for m in models}
-    count = [0] * num_docs
-    kl_sum = {m: 0.0 for m in models}
-    agree = {m: 0 for m in models}
-    for b in tqdm(range(0, len(wins), batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = wins[b : b + batch_size]
+    offsets = [0]
+    for w in wins:
+        offsets.append(offsets[-1] + w.num_scored)
+    # Similar lengths share a batch: little padding. Indices keep each window's text-order position.
+    order = sorted(range(len(wins)), key=lambda i: -(wins[i].end - wins[i].start))
+    token_nll = {m: [torch.full((len(d),), math.nan) for d in tokens.docs] for m in models}
+    window_kl = {m: [0.0] * len(wins) for m in models}
+    window_top1 = {m: [1.0] * len(wins) for m in models}
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        batch = [wins[i] for i in idx]
         width = max(w.end - w.start for w in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -209,35 +190,59 @@ def score(
             sel_rows.append(torch.full_like(pos, r))
             sel_pos.append(pos)
             targets.append(ids[r, n - w.num_scored : n])
-            count[w.doc] += w.num_scored
         rows, pos, tgt = torch.cat(sel_rows), torch.cat(sel_pos), torch.cat(targets)
-        doc_of = torch.cat([torch.full((w.num_scored,), w.doc) for w in batch])
+        cuts = torch.tensor([0] + [w.num_scored for w in batch]).cumsum(0).tolist()
         ref = None
         for name, model in models.items():
-            logp = _log_probs(model, ids, mask, rows, pos)  # [num_scored_in_batch, vocab]
+            if name == ORIGINAL:
+                stored = [reference.rows(offsets[i], offsets[i] + wins[i].num_scored) for i in idx]
+                if all(s is not None for s in stored):
+                    logp = torch.cat(stored)
+                else:
+                    logp = _log_probs(model, ids, mask, rows, pos)
+                    for i, a, z in zip(idx, cuts, cuts[1:]):
+                        reference.put(offsets[i], logp[a:z])
+            else:
+                logp = _log_probs(model, ids, mask, rows, pos)  # [num_scored_in_batch, vocab]
             nll = -logp.gather(1, tgt[:, None]).squeeze(1)
-            per_doc = torch.zeros(num_docs, dtype=torch.float64).index_add_(0, doc_of, nll.double())
-            for d in doc_of.unique().tolist():
-                nll_sum[name][d] += per_doc[d].item()
             if ref is None:
-                ref = logp
+                ref, kl, agree = logp, torch.zeros_like(nll), torch.ones_like(nll)
             elif logp.shape[-1] != ref.shape[-1]:
                 raise QuantlabError(f"{name} predicts over {logp.shape[-1]} tokens but the original over "
                                     f"{ref.shape[-1]}: they do not share a vocabulary")
             else:
-                kl_sum[name] += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
-                agree[name] += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+                kl = F.kl_div(logp, ref, log_target=True, reduction="none").sum(-1)
+                agree = (logp.argmax(-1) == ref.argmax(-1)).float()
+            for i, w, a, z in zip(idx, batch, cuts, cuts[1:]):
+                token_nll[name][w.doc][w.end - w.num_scored : w.end] = nll[a:z]
+                window_kl[name][i] = kl[a:z].double().mean().item()
+                window_top1[name][i] = agree[a:z].double().mean().item()
             del logp
-    total = sum(count)
-    out = {}
-    for name in models:
-        nll = sum(nll_sum[name]) / total
-        out[name] = ModelScores(
-            perplexity=math.exp(nll),
-            nll=nll,
-            num_scored=total,
-            doc_perplexity=tuple(math.exp(s / c) for s, c in zip(nll_sum[name], count) if c),
-            kl=kl_sum[name] / total,
-            top1_agreement=1.0 if name == ORIGINAL else agree[name] / total,
-        )
-    return out
+        if on_windows is not None:
+            on_windows(len(batch))
+    return {name: _summarize(token_nll[name], window_kl[name], window_top1[name], wins) for name in models}
+
+
+def _summarize(token_nll: list[torch.Tensor], window_kl: list[float], window_top1: list[float],
+               wins: list[Window]) -> ModelScores:
+    """Totals from per-token NLLs and per-window means (weighted back by each window's scored tokens).
+    The scored positions come from the windows, not from NaN tests, so a NaN the model produced stays
+    in the result."""
+    masks = [torch.zeros(len(t), dtype=torch.bool) for t in token_nll]
+    for w in wins:
+        masks[w.doc][w.end - w.num_scored : w.end] = True
+    scored = [t[m].double() for t, m in zip(token_nll, masks)]
+    total = sum(len(t) for t in scored)
+    nll = sum(t.sum().item() for t in scored) / total
+    weights = [w.num_scored for w in wins]
+    return ModelScores(
+        perplexity=math.exp(nll),
+        nll=nll,
+        num_scored=total,
+        doc_perplexity=tuple(math.exp(t.mean().item()) for t in scored),
+        kl=sum(k * n for k, n in zip(window_kl, weights)) / total,
+        top1_agreement=sum(a * n for a, n in zip(window_top1, weights)) / total,
+        token_nll=tuple(token_nll),
+        window_kl=tuple(window_kl),
+        window_top1=tuple(window_top1),
+    )

@@ -22,6 +22,62 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     ]
 
 
+def plot_nll_diff(diff: list[list[float | None]], path: Path) -> bool:
+    """Per-token NLL of the quantized model minus the original's along the evaluation text (documents
+    one after another, boundaries dotted when there are few), with a running mean over 64 scored tokens:
+    where the quantized model got worse (above zero) or better. False, drawing nothing, without tokens."""
+    import numpy as np
+
+    values = np.array([np.nan if x is None else x for doc in diff for x in doc], dtype=float)
+    scored = ~np.isnan(values)
+    if not scored.any():
+        return False
+    x = np.arange(len(values))[scored]
+    y = values[scored]
+    k = min(64, len(y))
+    running = np.convolve(y, np.ones(k) / k, mode="valid")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.0, 3.5))
+    ax.plot(x, y, linewidth=0.4, color="C0", alpha=0.45, label="per token")
+    ax.plot(x[k - 1:], running, color="C3", linewidth=1.4, label=f"running mean ({k} tokens)")
+    ax.axhline(0, color="gray", linewidth=0.8)
+    if 1 < len(diff) <= 20:
+        edge = 0
+        for doc in diff[:-1]:
+            edge += len(doc)
+            ax.axvline(edge, color="gray", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("token position in the evaluation text" + (" (documents in order)" if len(diff) > 1 else ""))
+    ax.set_ylabel("NLL quantized − original (nats)")
+    ax.set_title("Where the quantized model loses (above 0) or gains (below 0) likelihood")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_kl_windows(window_kl: list[float], mean_kl: float, path: Path) -> bool:
+    """Histogram of the mean KL(P_orig || P_quant) of each evaluation window, with the mean over all
+    scored tokens (the gated value) marked: even damage gives a narrow peak, damage concentrated in a
+    few passages a long tail. False when there are no windows."""
+    if not window_kl:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.hist(window_kl, bins=max(5, min(40, len(window_kl))), color="C0", alpha=0.8)
+    ax.axvline(mean_kl, color="C3", linestyle="--", linewidth=1, label=f"mean over all tokens {mean_kl:.4g}")
+    ax.set_xlabel("KL(P_original ‖ P_quantized) per window (nats/token)")
+    ax.set_ylabel("windows")
+    ax.set_title(f"Per-window KL over {len(window_kl)} windows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_layer_errors(layers: list[dict], path: Path) -> bool:
     """Relative MSE of each layer's quantized output along depth (log scale), from quantlab.json's
     ``layers`` entries (``name``, ``rel_mse``). Returns False, drawing nothing, when there are none."""
@@ -39,7 +95,7 @@ def plot_layer_errors(layers: list[dict], path: Path) -> bool:
                        rotation=90 if step == 1 and len(rows) > 16 else 0, fontsize=7)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("relative MSE of layer output")
-    ax.set_title("Per-layer quantization error (calibration data)")
+    ax.set_title("Calibration: per-layer quantization error (from quantlab calibrate, not evaluation)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,18 +1,26 @@
 """Write an evaluation report directory: report.json (every number and the provenance needed to
-reproduce it), report.md (for people) and PNG plots.
+reproduce it), report.md (for people, ``markdown.py``) and PNG plots (``plots.py``); read its verdict back.
 
 Nothing half-written: all files go into a temporary directory beside the output, which is renamed into
 place once complete. An existing report directory is refused unless ``overwrite`` is set, and then it
 is replaced only after the new one is complete.
 
-``report.json`` of ``quantlab eval`` (kind ``eval``) holds: ``checkpoint`` (path, bytes), ``original``
-(name, path), ``recipe`` (where the settings came from, sha256), ``settings`` (dataset, windows, tasks,
-limit, seed), ``data`` (files, documents, tokens, ``token_sha256`` of the evaluation token ids),
-``perplexity`` (per model: perplexity, per-document spread), ``kl``, ``top1_agreement``, ``tasks``
-(per model: metric values and stderrs; recovery %), ``gates`` (one verdict each), ``passed``,
-``exit_code``, ``layers`` (per-layer error from quantlab.json), ``versions`` and ``seconds``.
-Kind ``compare`` holds the shared ``original``, ``settings`` and ``data``, and one entry per checkpoint
-under ``checkpoints`` (sorted by size, with ``pareto``).
+``report.json`` of ``quantlab eval`` (kind ``eval``) holds: ``checkpoint_digest`` (``quantlab.checkpoint
+.digest.checkpoint_digest`` of the checkpoint evaluated) and ``passed`` (the gate verdict) at the top,
+which is what ``quantlab build`` checks (``read_verdict``); ``exit_code``; ``checkpoint`` (path, bytes,
+digest), ``original`` (name, path), ``recipe`` (where the settings came from, sha256), ``command``,
+``date`` (UTC), ``device``; ``settings`` (dataset, windows, tasks, limit, seed, batch sizes); ``data``
+(files, documents, tokens, scored tokens, windows, ``token_sha256`` of the evaluation token ids);
+``perplexity`` (per model: perplexity, mean NLL, per-document perplexities, and their ``doc_spread``
+only when there are several documents); ``documents`` (per-document rows of both models, empty for one
+document); ``kl`` and ``top1_agreement`` with ``kl_windows`` / ``top1_windows`` (min, median, max,
+std over windows) and ``per_window`` (the values per window, in text order); ``token_nll_diff`` (per
+document, quantized minus original NLL of each token, null where not scored); ``tasks`` (per model:
+metric values and stderrs; recovery %; primary metric); ``gates`` (name, threshold, value, passed,
+margin, detail); ``layers`` (per-layer calibration error from quantlab.json); ``cache`` (whether the
+original's results came from the cache); ``versions``; ``phases`` (seconds per phase); ``seconds``;
+``plots`` (which figures were drawn). Kind ``compare`` holds the shared ``original``, ``settings`` and
+``data``, and one entry per checkpoint under ``checkpoints`` (sorted by size, with ``pareto``).
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab import atomic
+from quantlab.errors import QuantlabError
 
-from .plots import plot_layer_errors, plot_pareto
+from .markdown import render_compare_md, render_eval_md
+from .plots import plot_kl_windows, plot_layer_errors, plot_nll_diff, plot_pareto
 
 
 @dataclass(frozen=True)
@@ -34,118 +44,79 @@ class Report:
     path: Path | None
 
     def summary(self) -> str:
-        """A few lines for the terminal: the verdict, the main numbers and where the report is."""
+        """The closing summary for the terminal: a table of both models' numbers, the gates with limit,
+        value and margin, the verdict, and where the report is."""
         d = self.data
-        lines = []
-        if d["kind"] == "eval":
-            ppl = d["perplexity"]
-            lines.append(f"perplexity {ppl['original']['perplexity']:.4g} -> {ppl['quantized']['perplexity']:.4g}, "
-                         f"KL {d['kl']:.4g}, top-1 agreement {d['top1_agreement']:.4f}")
-            lines += [_gate_line(g) for g in d["gates"]]
-            if not d["gates"]:
-                lines.append("PASS: no gates are set")
-            else:
-                lines.append("PASS: all gates pass" if d["passed"] else "FAIL: a gate failed")
-        else:
-            for c in d["checkpoints"]:
-                lines.append(f"{c['name']}: {c['bytes'] / 2**20:.1f} MiB, perplexity {c['perplexity']:.4g}, "
-                             f"KL {c['kl']:.4g}{'  (Pareto)' if c['pareto'] else ''}"
-                             f"{'' if c['passed'] else '  FAILS its gates'}")
+        lines = _eval_summary(d) if d["kind"] == "eval" else _compare_summary(d)
         if self.path is not None:
             lines.append(f"report: {self.path / 'report.md'}")
         return "\n".join(lines)
 
 
-def _gate_line(g: dict) -> str:
-    value = "not measured" if g["value"] is None else f"{g['value']:.4g}"
-    margin = "" if g["margin"] is None else f" (margin {g['margin']:+.4g})"
-    return f"{'pass' if g['passed'] else 'FAIL'}  {g['name']} {g['threshold']:g}: {value}{margin}"
+def _rows(rows: list[list[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned others, two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
+def _eval_summary(d: dict) -> list[str]:
+    ppl = d["perplexity"]
+    b, q = ppl["original"]["perplexity"], ppl["quantized"]["perplexity"]
+    rows = [["", "original", "quantized", "change"],
+            ["perplexity", f"{b:.4g}", f"{q:.4g}", f"{100 * (q / b - 1):+.2f} %"],
+            ["KL (nats/token)", "0", f"{d['kl']:.4g}", ""],
+            ["top-1 agreement", "1", f"{d['top1_agreement']:.4f}", ""]]
+    t = d["tasks"]
+    for task, metric in t["primary"].items():
+        if metric is not None and metric in t["quantized"].get(task, {}):
+            rec = t["recovery_pct"].get(task)
+            rows.append([f"{task} {metric}", f"{t['original'][task][metric]:.4g}", f"{t['quantized'][task][metric]:.4g}",
+                         "" if rec is None else f"{rec:.1f} % kept"])
+    lines = _rows(rows)
+    if d["gates"]:
+        lines += [""] + _rows([["gate", "limit", "value", "margin", ""]] + [
+            [g["name"], f"{'<=' if g['name'].startswith('max_') else '>='} {g['threshold']:g}",
+             "not measured" if g["value"] is None else f"{g['value']:.4g}",
+             "" if g["margin"] is None else f"{g['margin']:+.4g}", "pass" if g["passed"] else "FAIL"]
+            for g in d["gates"]])
+        lines.append("PASS: all gates pass" if d["passed"] else "FAIL: a gate failed")
+    else:
+        lines.append("PASS: no gates are set")
+    return lines
+
+
+def _compare_summary(d: dict) -> list[str]:
+    return [f"{c['name']}: {c['bytes'] / 2**20:.1f} MiB, perplexity {c['perplexity']:.4g}, "
+            f"KL {c['kl']:.4g}{'  (Pareto)' if c['pareto'] else ''}{'' if c['passed'] else '  FAILS its gates'}"
+            for c in d["checkpoints"]]
+
+
+def read_verdict(report_path: str | Path) -> tuple[str, bool]:
+    """(checkpoint digest, passed) of a ``quantlab eval`` report.json, for a promotion check: the
+    digest says which checkpoint bytes were evaluated, ``passed`` whether every gate held.
+
+    Raises:
+        QuantlabError: the file is missing, not JSON, or lacks either field (one sentence naming it).
+    """
+    path = Path(report_path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QuantlabError(f"evaluation report {path} not found; run quantlab eval on the checkpoint") from None
+    except (OSError, ValueError) as e:
+        raise QuantlabError(f"evaluation report {path} cannot be read as JSON ({e})") from None
+    digest = data.get("checkpoint_digest") if isinstance(data, dict) else None
+    passed = data.get("passed") if isinstance(data, dict) else None
+    if not isinstance(digest, str) or not isinstance(passed, bool):
+        raise QuantlabError(f"evaluation report {path} records no checkpoint_digest and passed verdict "
+                            "(written by an older quantlab eval); evaluate the checkpoint again")
+    return digest, passed
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
     """The report directory, refused when it exists and ``overwrite`` is off (checked before evaluating)."""
     return atomic.check_output(output, overwrite, what="report directory ")
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "—" if x is None else f"{x:.{digits}g}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _gates_md(gates: list[dict]) -> list[str]:
-    if not gates:
-        return ["No gates are set in the recipe, so nothing blocks promotion."]
-    rows = [[g["name"], f"{g['threshold']:g}", _fmt(g["value"]), "—" if g["margin"] is None else f"{g['margin']:+.4g}",
-             "pass" if g["passed"] else "**FAIL**", g.get("detail", "")] for g in gates]
-    return _table(["gate", "threshold", "value", "margin", "result", "detail"], rows)
-
-
-def _tasks_md(tasks: dict) -> list[str]:
-    rows = []
-    for task, base in tasks["original"].items():
-        for metric, value in base.items():
-            if metric.endswith("_stderr"):
-                continue
-            q = tasks["quantized"].get(task, {})
-            rec = tasks["recovery_pct"].get(task) if metric == tasks["primary"].get(task) else None
-            rows.append([task, metric + (" (primary)" if rec is not None else ""),
-                         f"{_fmt(value)} ± {_fmt(base.get(metric + '_stderr'), 2)}",
-                         f"{_fmt(q.get(metric))} ± {_fmt(q.get(metric + '_stderr'), 2)}", _fmt(rec)])
-    return _table(["task", "metric", "original", "quantized", "recovery %"], rows)
-
-
-def render_eval_md(d: dict) -> str:
-    """report.md of one checkpoint."""
-    ppl, s = d["perplexity"], d["settings"]
-    verdict = "PASS" if d["passed"] else "FAIL"
-    out = [f"# Evaluation of `{d['checkpoint']['path']}`", "",
-           f"**{verdict}** (exit code {d['exit_code']}) against `{d['original']['name']}`; "
-           f"settings from {d['recipe']['source']} (recipe sha256 `{d['recipe']['sha256'][:12]}`).", "",
-           "## Gates", "", *_gates_md(d["gates"]), "",
-           "## Held-out perplexity", "",
-           f"`{s['dataset']}`: documents {d['data']['num_docs']}, scored tokens {d['data']['num_scored']}, windows of "
-           f"{s['context_len']} tokens every {s['stride']} (token sha256 `{d['data']['token_sha256'][:16]}`).", ""]
-    rows = [[name, _fmt(m["perplexity"], 5), _fmt(m["doc_spread"]["min"]), _fmt(m["doc_spread"]["median"]),
-             _fmt(m["doc_spread"]["max"]), _fmt(m["doc_spread"]["std"])] for name, m in ppl.items()]
-    out += _table(["model", "perplexity", "doc min", "doc median", "doc max", "doc std"], rows)
-    out += ["", f"Mean KL(P_original ‖ P_quantized): **{d['kl']:.4g}** nats/token; top-1 agreement: "
-            f"**{d['top1_agreement']:.4f}**.", ""]
-    if d["tasks"]["original"]:
-        out += ["## Tasks (lm-eval, zero-shot)", "",
-                f"limit {s['limit'] if s['limit'] is not None else 'none'} per task, seed {s['seed']}.", "",
-                *_tasks_md(d["tasks"]), ""]
-    out += ["## Per-layer quantization error", ""]
-    out += (["![per-layer error](layer_error.png)", ""] if d.get("layer_plot") else
-            ["quantlab.json holds no per-layer statistics.", ""])
-    out += ["## Provenance", "", *_table(["item", "value"], [
-        ["checkpoint bytes (safetensors)", str(d["checkpoint"]["bytes"])],
-        ["original path", f"`{d['original']['path']}`"],
-        ["recipe", f"`{d['recipe']['path']}`"],
-        *[[f"{k} version", str(v)] for k, v in d["versions"].items()],
-        ["seconds", f"{d['seconds']:.1f}"]]), ""]
-    return "\n".join(out)
-
-
-def render_compare_md(d: dict) -> str:
-    """report.md of several checkpoints against one original."""
-    s = d["settings"]
-    out = [f"# Comparison against `{d['original']['name']}`", "",
-           f"`{s['dataset']}`: {d['data']['num_scored']} scored tokens (token sha256 `{d['data']['token_sha256'][:16]}`); "
-           f"original perplexity {d['original']['perplexity']:.5g}. Sorted by size; ★ = on the Pareto front of "
-           "size vs perplexity (no other checkpoint is both smaller and better).", ""]
-    tasks = sorted({t for c in d["checkpoints"] for t in c["task_recovery_pct"]})
-    rows = [[("★ " if c["pareto"] else "") + f"`{c['name']}`", f"{c['bytes'] / 2**20:.1f}", _fmt(c["perplexity"], 5),
-             _fmt(c["kl"]), f"{c['top1_agreement']:.4f}", *[_fmt(c["task_recovery_pct"].get(t)) for t in tasks],
-             "pass" if c["passed"] else "**FAIL**"] for c in d["checkpoints"]]
-    out += _table(["checkpoint", "MiB", "perplexity", "KL", "top-1", *[f"{t} recovery %" for t in tasks], "gates"], rows)
-    out += ["", "![size vs perplexity](pareto.png)", ""]
-    for c in d["checkpoints"]:
-        out += [f"## `{c['name']}`", "", f"path `{c['path']}`, recipe sha256 `{c['recipe_sha256'][:12]}`", "",
-                *_gates_md(c["gates"]), ""]
-    return "\n".join(out)
 
 
 def write_report(data: dict, output: str | Path, overwrite: bool = False) -> Report:
@@ -160,13 +131,17 @@ def write_report(data: dict, output: str | Path, overwrite: bool = False) -> Rep
     with atomic.atomic_directory(out, overwrite, what="report directory ") as tmp:
         data = dict(data)
         if data["kind"] == "eval":
-            data["layer_plot"] = plot_layer_errors(data.get("layers") or [], tmp / "layer_error.png")
+            data["plots"] = {
+                "nll_diff": plot_nll_diff(data["token_nll_diff"], tmp / "nll_diff.png"),
+                "kl_windows": plot_kl_windows(data["per_window"]["kl"], data["kl"], tmp / "kl_windows.png"),
+                "layer_error": plot_layer_errors(data.get("layers") or [], tmp / "layer_error.png"),
+            }
             markdown = render_eval_md(data)
         else:
             c = data["checkpoints"]
             plot_pareto([x["name"] for x in c], [x["bytes"] for x in c], [x["perplexity"] for x in c],
                         "perplexity (held-out)", data["original"]["perplexity"], tmp / "pareto.png")
             markdown = render_compare_md(data)
-        (tmp / "report.json").write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        (tmp / "report.json").write_text(json.dumps(data, indent=1) + "\n")
         (tmp / "report.md").write_text(markdown)
     return Report(data, out)

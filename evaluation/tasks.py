@@ -11,7 +11,9 @@ indexing lm-eval's own ~15,000 task configs takes 10-20 s, so that is done only 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +56,51 @@ def _numbers(task_results: dict) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_lm_eval(progress: bool):
+    """Only lm-eval's errors, no bar while it builds requests, and nothing of lm-eval's on stdout.
+
+    lm-eval warns on every run that an in-memory model ignores model kwargs and that custom_dataset
+    takes --metadata (both expected here); it draws an unlabelled bar per task while building contexts
+    (``lm_eval.api.task`` calls tqdm with no way to turn it off), which reads as if a model ran; and it
+    prints "bootstrapping for stddev" to stdout, which belongs to quantlab's summary. Its prints go to
+    stderr; without ``progress`` its prints and bars go nowhere.
+    """
+    import os
+    from functools import partial
+
+    import lm_eval.api.task as task_module
+
+    lm_logger = logging.getLogger("lm_eval")
+    level, bar = lm_logger.level, task_module.tqdm
+    lm_logger.setLevel(logging.ERROR)
+    task_module.tqdm = partial(bar, disable=True)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stderr if progress else devnull), \
+                contextlib.redirect_stderr(sys.stderr if progress else devnull):
+            yield
+    finally:
+        lm_logger.setLevel(level)
+        task_module.tqdm = bar
+
+
+def _hflm(model: nn.Module, tokenizer, batch_size: int, progress: bool):
+    """lm-eval's HF wrapper around an in-memory model; its request bars (with ETA) only when ``progress``."""
+    from lm_eval.models.huggingface import HFLM
+
+    class _LM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not progress)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
+
+    return _LM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
+
+
 def run_tasks(
     model: nn.Module,
     tokenizer,
@@ -61,6 +108,9 @@ def run_tasks(
     limit: int | None = None,
     seed: int = 1234,
     batch_size: int = 8,
+    *,
+    manager=None,
+    progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Evaluate ``model`` on lm-eval tasks, zero-shot.
 
@@ -71,6 +121,8 @@ def run_tasks(
         limit: examples per task (lm-eval takes the first ``limit`` documents); None = all.
         seed: seeds lm-eval's python, numpy, torch and few-shot samplers.
         batch_size: requests per forward pass.
+        manager: ``task_manager(tasks)`` when the caller already checked the names (saves re-indexing).
+        progress: show lm-eval's per-request bar.
 
     Returns:
         task -> metric -> value, with ``<metric>_stderr`` beside each metric (e.g. ``{"acc": 0.6,
@@ -83,23 +135,15 @@ def run_tasks(
     if not tasks:
         return {}
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(tasks)
-    device = next(model.parameters()).device
-    # lm-eval warns on every run that an in-memory model ignores model kwargs and that custom_dataset
-    # takes --metadata; both are expected here, so only errors are shown.
-    lm_logger = logging.getLogger("lm_eval")
-    level = lm_logger.level
-    lm_logger.setLevel(logging.ERROR)
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )
-    except (ConnectionError, OSError) as e:  # datasets' offline failures are OSError subclasses
-        raise QuantlabError(f"lm-eval could not load the data of {', '.join(tasks)}: {str(e).splitlines()[0]}") from None
-    finally:
-        lm_logger.setLevel(level)
+    manager = manager or task_manager(tasks)
+    with _quiet_lm_eval(progress):
+        try:
+            results = lm_eval.simple_evaluate(
+                model=_hflm(model, tokenizer, batch_size, progress), tasks=list(tasks), limit=limit,
+                task_manager=manager, log_samples=False,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            )
+        except (ConnectionError, OSError) as e:  # datasets' offline failures are OSError subclasses
+            raise QuantlabError(f"lm-eval could not load the data of {', '.join(tasks)}: {str(e).splitlines()[0]}") from None
     return {task: _numbers(results["results"][task]) for task in tasks if task in results["results"]}

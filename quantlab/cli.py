@@ -102,23 +102,39 @@ def evaluate(
     max_tokens: Annotated[int | None, typer.Option(help="Perplexity token budget.")] = None,
     compare: Annotated[bool, typer.Option(help="Put several checkpoints side by side against one baseline.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report directory.")] = False,
+    cache: Annotated[bool, typer.Option(help="Reuse the original model's results from earlier evaluations "
+                                             "(kept under the quantlab cache).")] = True,
+    quiet: Annotated[bool, typer.Option(help="Print only the closing summary (also the case when stdout is not a terminal).")] = False,
 ) -> None:
     """Compare a quantized checkpoint with its original model and apply the recipe's gates.
 
     Exit code 0: all gates pass; 3: a gate failed; 2: bad input.
     """
-    from .evaluation.run import run_compare, run_eval
+    import shlex
+    import sys
+
+    from .evaluation.compare import run_compare
+    from .evaluation.progress import wanted
+    from .evaluation.run import run_eval
 
     task_list = None if tasks is None else [t for t in tasks.split(",") if t]
+    progress = wanted(quiet)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if compare:
         report, code = run_compare([str(c) for c in checkpoints], output=output, original=original, tasks=task_list,
-                                   limit=limit, max_tokens=max_tokens, overwrite=overwrite)
+                                   limit=limit, max_tokens=max_tokens, overwrite=overwrite, progress=progress,
+                                   recipe_path=None if recipe is None else str(recipe))
     else:
         if len(checkpoints) != 1:
             raise QuantlabError(f"eval takes one checkpoint (got {len(checkpoints)}); pass --compare to compare several")
         report, code = run_eval(str(checkpoints[0]), output=output, recipe_path=None if recipe is None else str(recipe),
-                                original=original, tasks=task_list, limit=limit, max_tokens=max_tokens, overwrite=overwrite)
-    typer.echo(report.summary() if hasattr(report, "summary") else str(report))
+                                original=original, tasks=task_list, limit=limit, max_tokens=max_tokens,
+                                overwrite=overwrite, progress=progress, cache=cache,
+                                command=shlex.join(["quantlab", *sys.argv[1:]]))
+    typer.echo(report.summary())
     raise typer.Exit(code)
 
 

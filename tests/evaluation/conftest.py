@@ -74,3 +74,11 @@ def checkpoints(tmp_path_factory, tiny_original) -> dict[str, Path]:
                                 "{max_ppl_increase_pct: 50, max_kl: 1.0, min_top1_agreement: 0.5}"),
         "int4": make_checkpoint(root, tiny_original, "tiny-int4", "int4", "group", "{max_ppl_increase_pct: 50, max_kl: 0}"),
     }
+
+
+@pytest.fixture(autouse=True)
+def private_eval_cache(tmp_path_factory, monkeypatch):
+    """Each test's original-model results go to its own cache, never to the user's."""
+    root = tmp_path_factory.mktemp("eval-cache")
+    monkeypatch.setattr("quantlab.evaluation.run.cache_root", lambda: root)
+    return root

@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantlab.data import digest
-from quantlab.evaluation.perplexity import ORIGINAL, EvalTokens, score, windows
+from quantlab.evaluation.perplexity import ORIGINAL, score, windows
+from quantlab.evaluation.text import EvalTokens
 
 VOCAB = 97
 
@@ -52,7 +53,7 @@ def hf_guide_nll(model, ids: torch.Tensor, context_len: int, stride: int) -> tup
 
 
 def test_non_overlapping_windows_equal_exp_mean_nll(model, tokens):
-    got = score(model, {}, tokens, context_len=8, stride=8, batch_size=3, progress=False)[ORIGINAL]
+    got = score(model, {}, tokens, context_len=8, stride=8, batch_size=3)[ORIGINAL]
     nll = []
     for doc in tokens.docs:  # naive: independent 8-token chunks, every token after a chunk's first
         for s in range(0, len(doc), 8):
@@ -66,7 +67,7 @@ def test_non_overlapping_windows_equal_exp_mean_nll(model, tokens):
 
 @pytest.mark.parametrize("context_len, stride", [(16, 5), (16, 16), (32, 7), (100, 50)])
 def test_strided_scoring_matches_hf_guide_loop(model, tokens, context_len, stride):
-    got = score(model, {}, tokens, context_len, stride, batch_size=2, progress=False)[ORIGINAL]
+    got = score(model, {}, tokens, context_len, stride, batch_size=2)[ORIGINAL]
     sums = [hf_guide_nll(model, d, context_len, stride) for d in tokens.docs]
     assert got.num_scored == sum(c for _, c in sums)
     assert got.nll == pytest.approx(sum(s for s, _ in sums) / got.num_scored, rel=1e-5)
@@ -85,8 +86,8 @@ def test_overlapping_windows_score_every_token_but_the_first_exactly_once(contex
 
 
 def test_result_does_not_depend_on_batch_size(model, tokens):
-    a = score(model, {"m": tiny_llama(1)}, tokens, 16, 5, batch_size=1, progress=False)
-    b = score(model, {"m": tiny_llama(1)}, tokens, 16, 5, batch_size=7, progress=False)
+    a = score(model, {"m": tiny_llama(1)}, tokens, 16, 5, batch_size=1)
+    b = score(model, {"m": tiny_llama(1)}, tokens, 16, 5, batch_size=7)
     for name in (ORIGINAL, "m"):
         assert a[name].perplexity == pytest.approx(b[name].perplexity, rel=1e-5)
         assert a[name].kl == pytest.approx(b[name].kl, rel=1e-4)
@@ -94,20 +95,20 @@ def test_result_does_not_depend_on_batch_size(model, tokens):
 
 
 def test_model_against_itself_has_zero_kl_and_full_top1_agreement(model, tokens):
-    got = score(model, {"self": model}, tokens, 16, 5, progress=False)
+    got = score(model, {"self": model}, tokens, 16, 5)
     assert got["self"].kl == pytest.approx(0.0, abs=1e-6)
     assert got["self"].top1_agreement == 1.0
     assert got["self"].perplexity == pytest.approx(got[ORIGINAL].perplexity, rel=1e-6)
 
 
 def test_a_different_model_has_positive_kl_and_lower_agreement(model, tokens):
-    other = score(model, {"other": tiny_llama(1)}, tokens, 16, 5, progress=False)["other"]
+    other = score(model, {"other": tiny_llama(1)}, tokens, 16, 5)["other"]
     assert other.kl > 0.01 and other.top1_agreement < 0.9
 
 
 def test_kl_is_the_mean_over_scored_tokens_of_kl_orig_to_quant(model, tokens):
     other = tiny_llama(1)
-    got = score(model, {"other": other}, tokens, 8, 8, progress=False)["other"]
+    got = score(model, {"other": other}, tokens, 8, 8)["other"]
     kls = []
     for doc in tokens.docs:
         for s in range(0, len(doc), 8):
@@ -120,7 +121,59 @@ def test_kl_is_the_mean_over_scored_tokens_of_kl_orig_to_quant(model, tokens):
 
 
 def test_doc_spread_summarizes_per_document_perplexity(model, tokens):
-    got = score(model, {}, tokens, 16, 5, progress=False)[ORIGINAL]
+    got = score(model, {}, tokens, 16, 5)[ORIGINAL]
     spread = got.doc_spread()
     assert len(got.doc_perplexity) == 4
     assert spread["min"] <= spread["median"] <= spread["max"] and spread["std"] > 0
+
+
+def test_per_window_kl_and_top1_weighted_by_scored_tokens_give_the_totals(model, tokens):
+    got = score(model, {"other": tiny_llama(1)}, tokens, 16, 5)["other"]
+    wins = windows([len(d) for d in tokens.docs], 16, 5)
+    assert len(got.window_kl) == len(got.window_top1) == len(wins)
+    n = [w.num_scored for w in wins]
+    assert sum(k * c for k, c in zip(got.window_kl, n)) / sum(n) == pytest.approx(got.kl, rel=1e-9)
+    assert sum(a * c for a, c in zip(got.window_top1, n)) / sum(n) == pytest.approx(got.top1_agreement, rel=1e-9)
+    assert min(got.window_kl) < max(got.window_kl)  # a spread, not one value repeated
+
+
+def test_token_nll_leaves_only_each_documents_first_token_unscored(model, tokens):
+    got = score(model, {}, tokens, 16, 5)[ORIGINAL]
+    assert [len(t) for t in got.token_nll] == [len(d) for d in tokens.docs]
+    for t in got.token_nll:
+        assert t[0].isnan() and not t[1:].isnan().any()
+    assert torch.cat([t[1:] for t in got.token_nll]).double().mean().item() == pytest.approx(got.nll, rel=1e-9)
+
+
+class _Forbidden(torch.nn.Module):
+    """An 'original' that must not run: the stored reference has to stand in for it."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the original model ran although its log-probs were stored")
+
+
+def test_stored_reference_replaces_the_original_with_identical_numbers(model, tokens, tmp_path):
+    from quantlab.evaluation.reference import StoredLogProbs
+
+    other = tiny_llama(1)
+    rows = sum(w.num_scored for w in windows([len(d) for d in tokens.docs], 16, 5))
+    first = StoredLogProbs(tmp_path / "ref.safetensors", rows)
+    assert not first.hit
+    fresh = score(model, {"q": other}, tokens, 16, 5, batch_size=3, reference=first)
+    first.save()
+    second = StoredLogProbs(tmp_path / "ref.safetensors", rows)
+    assert second.hit
+    cached = score(_Forbidden(), {"q": other}, tokens, 16, 5, batch_size=3, reference=second)
+    for name in (ORIGINAL, "q"):
+        a, b = fresh[name], cached[name]
+        assert (a.perplexity, a.kl, a.top1_agreement, a.window_kl) == (b.perplexity, b.kl, b.top1_agreement, b.window_kl)
+
+
+def test_a_stored_reference_of_other_windows_is_not_used(model, tokens, tmp_path):
+    from quantlab.evaluation.reference import StoredLogProbs
+
+    rows = sum(w.num_scored for w in windows([len(d) for d in tokens.docs], 16, 5))
+    ref = StoredLogProbs(tmp_path / "ref.safetensors", rows)
+    score(model, {}, tokens, 16, 5, reference=ref)
+    ref.save()
+    assert not StoredLogProbs(tmp_path / "ref.safetensors", rows + 1).hit

@@ -8,15 +8,18 @@ import pytest
 import torch
 
 from quantlab.errors import CheckpointError, QuantlabError, RecipeError
-from quantlab.evaluation.perplexity import load_eval_tokens
-from quantlab.evaluation.run import EXIT_GATE_FAILED, EXIT_PASS, run_compare, run_eval
+from quantlab.evaluation.text import load_eval_tokens
+from quantlab.evaluation.compare import run_compare
+from quantlab.evaluation.run import EXIT_GATE_FAILED, EXIT_PASS, run_eval
 from quantlab.models import load_model
 
 
 def test_passing_checkpoint_exits_0_with_a_complete_report(checkpoints, tmp_path):
     report, code = run_eval(str(checkpoints["int8"]), output=str(tmp_path / "r"), progress=False)
     assert code == EXIT_PASS and report.data["passed"]
-    assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "layer_error.png"}
+    files = {p.name: p.stat().st_size for p in (tmp_path / "r").iterdir()}
+    assert set(files) == {"report.json", "report.md", "layer_error.png", "nll_diff.png", "kl_windows.png"}
+    assert all(size > 1000 for size in files.values()), files
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [g["name"] for g in data["gates"]] == ["max_ppl_increase_pct", "max_kl", "min_top1_agreement"]
     assert data["settings"]["context_len"] == 64 and data["data"]["num_tokens"] == 384
@@ -31,7 +34,7 @@ def test_failed_gate_exits_3_and_the_report_says_which(checkpoints, tmp_path):
     assert code == EXIT_GATE_FAILED
     failed = [g for g in report.data["gates"] if not g["passed"]]
     assert [g["name"] for g in failed] == ["max_kl"] and failed[0]["margin"] < 0
-    assert "| max_kl | 0 |" in (tmp_path / "r" / "report.md").read_text()
+    assert "| max_kl | ≤ 0 |" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_default_report_dir_is_inside_the_checkpoint_and_never_overwritten(checkpoints, tmp_path):
