@@ -5,4 +5,5 @@ commands register on the imported ``quantlab.cli`` module, not on ``__main__``.)
 
 from quantlab.cli import main
 
-main()
+if __name__ == "__main__":  # importing the module (the wheel test imports every module) runs nothing
+    main()
