@@ -47,14 +47,19 @@ def _copies(t: dict, nbytes: int) -> list[dict]:
     return [t] + [{k: v.clone() for k, v in t.items()} for _ in range(copies_for(nbytes) - 1)]
 
 
+def _dense_copies(n: int, k: int) -> list[torch.Tensor]:
+    """Copies of one random BF16 weight [n, k], enough to rotate through more bytes than the L2 holds."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    return [w] + [w.clone() for _ in range(copies_for(n * k * 2) - 1)]
+
+
 def w4a16_section(deadline: float) -> dict:
     """Tune INT4 g128 asym per shape (as ``quantlab build`` would), use its choices for every format, time."""
     rows, tuning = [], {}
     for name, (n, k) in SHAPES.items():
         if time.time() > deadline:
             break
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)]
-        dense += [dense[0].clone() for _ in range(copies_for(n * k * 2) - 1)]
+        dense = _dense_copies(n, k)
         packs = {}
         for fmt, group in W4_FORMATS:
             spec, t = linear.pack(stored_w4(fmt, group, n, k), torch.bfloat16)
@@ -120,8 +125,7 @@ def w8a8_section(deadline: float) -> dict:
     for name, (n, k) in SHAPES.items():
         if time.time() > deadline:
             break
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)]
-        dense += [dense[0].clone() for _ in range(copies_for(n * k * 2) - 1)]
+        dense = _dense_copies(n, k)
         packs = {}
         for fmt in ("fp8_e4m3", "int8"):
             spec, t = linear.pack(stored_w8(fmt, n, k), torch.bfloat16)
