@@ -26,6 +26,9 @@ from .weights import load_weights
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+# The CPU's default KV pool (RuntimeOptions.cpu_kv_cache_mib=None), before it is raised to hold one full sequence.
+_CPU_KV_DEFAULT_BYTES = 64 << 20
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -97,7 +100,9 @@ class ModelRunner:
         after the weights and the activation peak of a dummy forward of ``max_num_tokens`` tokens."""
         most = self.limits.max_batch_size * self.max_blocks
         if self.device.type == "cpu":
-            budget = int(self.options.cpu_kv_cache_mib * (1 << 20))
+            mib = self.options.cpu_kv_cache_mib
+            budget = (max(_CPU_KV_DEFAULT_BYTES, self.max_blocks * self.block_bytes) if mib is None
+                      else int(mib * (1 << 20)))
         else:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()

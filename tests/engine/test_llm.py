@@ -131,3 +131,14 @@ def test_chat_uses_the_template_and_streams_cumulative_text(tiny_engine):
     out = llm.chat(messages, GREEDY)[0]
     assert out.prompt_token_ids == llm.tokenizer.encode(prompt, add_special_tokens=False)
     assert len(out.outputs[0].token_ids) == 12 and out.outputs[0].text.strip()
+
+
+def test_default_cpu_kv_pool_grows_to_one_full_sequence_but_an_explicit_budget_is_kept(tiny_engine, monkeypatch):
+    from quantlab.engine import runner
+    from quantlab.engine.config import EngineError
+
+    monkeypatch.setattr(runner, "_CPU_KV_DEFAULT_BYTES", 1024)  # far below one sequence of max_seq_len
+    engine = LLMEngine(tiny_engine)
+    assert engine.block_manager.num_blocks * engine.block_manager.tokens_per_block >= engine.max_seq_len
+    with pytest.raises(EngineError, match="fewer than one sequence of max_seq_len"):
+        LLMEngine(tiny_engine, cpu_kv_cache_mib=1024 / 2**20)
