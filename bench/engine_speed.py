@@ -26,6 +26,9 @@ SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_h
              tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 8192}, rope_theta=500000.0)
+# The same architecture at toy size: bench/serving_h200.sh's CPU dry run (QL_SHAPE=tiny), never a figure.
+TINY_SHAPE = dict(SHAPE, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
 
 
 def write_random_llama(path: Path, shape: dict, layers_per_shard: int = 4, device: str = "cuda") -> None:

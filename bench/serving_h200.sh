@@ -14,26 +14,30 @@
 #
 # The HF baseline (transformers generate, same device and dtype, same prompts) runs beside the bf16
 # engine at 512x128 only: at 4096 in and batch 256 its un-paged KV cache alone would exceed the GPU.
-# Environment: W (work dir, default /tmp/quantlab-h200), QL (the quantlab command, default `quantlab`).
+# Environment: W (work dir, default /tmp/quantlab-h200), QL (the quantlab command, default `quantlab`),
+# DEV (default cuda). QL_SHAPE=tiny DEV=cpu runs every stage on a toy model of the same architecture on the
+# CPU: a dry run of the script, not a measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${W:-/tmp/quantlab-h200}
 QL=${QL:-quantlab}
+DEV=${DEV:-cuda}
 OUT=bench/results/serving/$(date -u +%Y-%m-%d)
 mkdir -p "$W" "$OUT"
 
 case "${1:-}" in
 source)
   # The engine stream's random Llama-3-8B-shaped BF16 model (bench/engine_speed.py), not a second copy.
-  python -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench')
-from engine_speed import SHAPE, write_random_llama
-write_random_llama(Path(sys.argv[1]), SHAPE)" "$W/src"
+  python -c "import os, sys; from pathlib import Path; sys.path.insert(0, 'bench')
+from engine_speed import SHAPE, TINY_SHAPE, write_random_llama
+tiny = os.environ.get('QL_SHAPE') == 'tiny'
+write_random_llama(Path(sys.argv[1]), TINY_SHAPE if tiny else SHAPE, device=sys.argv[2])" "$W/src" "$DEV"
   ;;
 checkpoints)
   for pair in fp8:fp8-static int8:w8a8-int8 w4a16:w4a16-rtn nvfp4:nvfp4a16; do
     name=${pair%%:*}; recipe=${pair#*:}
     $QL calibrate "recipes/$recipe.yaml" --model "$W/src" --output "$W/ckpt-$name" --num-samples 8 --seq-len 256 \
-      --device cuda --quiet --overwrite
+      --device "$DEV" --quiet --overwrite
   done
   ;;
 build)
@@ -41,7 +45,7 @@ build)
   [ "$name" = bf16 ] && src="$W/src"
   [ "$name" = bf16kv8 ] && src="$W/src" && kv=(--kv-cache-dtype fp8_e4m3)
   $QL build "$src" --output "$W/eng-$name" --max-batch-size 256 --max-seq-len 5120 --max-num-tokens 8192 \
-    --device cuda --skip-gates --overwrite "${kv[@]}"
+    --device "$DEV" --skip-gates --overwrite "${kv[@]}"
   ;;
 offline)
   name=$2; shape=$3; in=${shape%x*}; out=${shape#*x}

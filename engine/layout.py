@@ -5,9 +5,12 @@ kernel's own layout (transposed, nibble-packed, ...) is made once, from one weig
 whatever ``pack`` does. That needs every part's per-row tensors (codes, group/channel scales, zero points,
 biases) to stack and every part's whole-tensor numbers to agree: one scale for the whole fused tensor
 must be *the* scale of each part, because requantizing a calibrated checkpoint is not allowed (it would no
-longer be the checkpoint that passed evaluation). So a per-tensor FP8/INT8 weight scale, an NVFP4 global
-scale or a static input scale that differs between parts keeps the projection unfused: its parts are
-stored and applied separately, and engine.json's ``fusion`` says why.
+longer be the checkpoint that passed evaluation). Per-tensor weight scales are the exception that costs
+nothing: parts whose per-tensor scales differ fuse into one per-channel tensor, each row carrying its
+part's scale, which dequantizes to exactly the same values (vLLM requantizes such parts to their largest
+scale instead, which changes the codes); the W8A8 kernels take per-channel weight scales anyway. An NVFP4
+global scale, a static input scale or per-tensor zero points that differ keep the projection unfused:
+its parts are stored and applied separately, and engine.json's ``fusion`` says why.
 """
 
 from __future__ import annotations
@@ -53,12 +56,16 @@ def fuse(parts: list[Part]) -> tuple[Part | None, str]:
                          ("global scales", [q.global_scale for q in qs])):
         if not _same(values):
             return None, f"the parts' {what} differ"
-    if q0.per_tensor and not (_same([q.scale for q in qs]) and _same([q.zero_point for q in qs])):
-        return None, "the parts' per-tensor weight scales differ"
-    rows = (lambda ts: ts[0]) if q0.per_tensor else _cat
+    per_tensor, scales = q0.per_tensor, [q.scale for q in qs]
+    if per_tensor and not (_same(scales) and _same([q.zero_point for q in qs])):
+        if q0.zero_point is not None:
+            return None, "the parts' per-tensor weight scales or zero points differ"
+        # One per-channel scale per row ([N, 1], formats' per-channel shape), each its part's scale.
+        per_tensor, scales = False, [q.scale.reshape(1, 1).expand(q.codes.shape[0], 1) for q in qs]
+    rows = (lambda ts: ts[0]) if per_tensor else _cat
     bias = [w.bias for w in weights]
     if any(b is None for b in bias) and not all(b is None for b in bias):
         return None, "only some parts have a bias"
-    qweight = formats.QTensor(q0.fmt, torch.cat([q.codes for q in qs]), rows([q.scale for q in qs]),
-                              rows([q.zero_point for q in qs]), q0.global_scale, q0.group_size, q0.per_tensor)
+    qweight = formats.QTensor(q0.fmt, torch.cat([q.codes for q in qs]), rows(scales),
+                              rows([q.zero_point for q in qs]), q0.global_scale, q0.group_size, per_tensor)
     return (replace(first, name=first.name.rsplit(".", 1)[0] + ".fused", qweight=qweight, bias=_cat(bias)), None), ""

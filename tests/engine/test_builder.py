@@ -4,12 +4,14 @@ allows, shards large weights, refuses other architectures by name, and reads its
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from engine_helpers import build
 
-from quantlab.engine import builder
+from quantlab.checkpoint.stream import open_checkpoint
+from quantlab.engine import builder, layout
 from quantlab.engine.config import EngineError
 from quantlab.engine.llm import LLM
 from quantlab.engine.sampling import SamplingParams
@@ -30,13 +32,22 @@ def test_engine_directory_holds_pinned_files(tiny_engine):
     assert "layers.1.qkv_proj" in config["linears"] and "layers.1.gate_up_proj" in config["linears"]
 
 
-def test_group_scales_fuse_but_differing_per_tensor_scales_do_not(make_checkpoint, tmp_path):
+def test_group_and_per_tensor_scales_fuse_but_differing_global_scales_do_not(make_checkpoint, tmp_path):
     grouped = build(make_checkpoint([SchemeGroup(("Linear",), WeightScheme("int4", "group", 32))]), tmp_path / "a")
     assert "layers.0.qkv_proj" in grouped.config.linears and not grouped.config.fusion
+    # Per-tensor FP8 weight scales differ between q, k and v: fused as per-channel scales, each row its part's.
     static = [SchemeGroup(("Linear",), WeightScheme("fp8_e4m3", "tensor"), ActivationScheme("fp8_e4m3", "tensor", False))]
     per_tensor = build(make_checkpoint(static), tmp_path / "b").config
-    assert {"layers.0.q_proj", "layers.0.k_proj", "layers.0.v_proj"} <= set(per_tensor.linears)
-    assert "differ" in per_tensor.fusion["layers.0.qkv_proj"]
+    assert "layers.0.qkv_proj" in per_tensor.linears and not per_tensor.fusion
+    assert per_tensor.linears["layers.0.qkv_proj"].per_tensor is False
+    # Calibration gives q/k/v one NVFP4 global scale (as llm-compressor does), so they fuse; parts whose global
+    # scales differ cannot, since one global scale would requantize the block scales.
+    nvfp4 = make_checkpoint([SchemeGroup(("Linear",), WeightScheme("nvfp4", "group", 16))])
+    assert not build(nvfp4, tmp_path / "c").config.fusion
+    ckpt = open_checkpoint(nvfp4)
+    parts = [(ckpt.linear(f"model.layers.0.self_attn.{p}_proj"), None) for p in "qkv"]
+    parts[1] = (replace(parts[1][0], qweight=replace(parts[1][0].qweight, global_scale=parts[1][0].qweight.global_scale * 2)), None)
+    assert layout.fuse(parts) == (None, "the parts' global scales differ")
 
 
 def test_sharded_weights_load_to_the_same_outputs(tiny_model, tiny_engine, tmp_path, monkeypatch):
