@@ -26,7 +26,7 @@ SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_h
              tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 8192}, rope_theta=500000.0)
-# The same architecture at toy size: bench/serving_h200.sh's CPU dry run (QL_SHAPE=tiny), never a figure.
+# The same architecture at toy size: bench/serving_h200.py's CPU dry run (QL_SHAPE=tiny), never a figure.
 TINY_SHAPE = dict(SHAPE, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
 
@@ -108,11 +108,19 @@ def engine_decode(engine_dir: Path, prompt: list[int], new_tokens: int) -> dict:
     seconds = time.perf_counter() - t0
     r = engine.runner
     embed = r.model.embed.numel() * r.model.embed.element_size()
-    return {"load_seconds": load, "runner_load_seconds": r.report.seconds, "kv_blocks": r.num_blocks,
+    m = r.model.config.model
+    kv_per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * torch.empty((), dtype=r.kv_dtype).element_size()
+    return {"kv_bytes_per_token": kv_per_token, "load_seconds": load, "runner_load_seconds": r.report.seconds, "kv_blocks": r.num_blocks,
             "kv_cache_gib": r.report.kv_cache_bytes / 2**30, "cuda_graph_batch_sizes": list(r.report.graph_batch_sizes),
             "decode_tokens": steps, "decode_seconds": seconds, "decode_tok_s": steps / seconds,
             "weight_bytes_read_per_step": r.weight_bytes - embed + r.model.config.model.hidden_size * 2,
             "tokens": out[0].outputs[0].token_ids[:8]}
+
+
+def bytes_per_step(decode: dict, prompt_tokens: int, new_tokens: int) -> float:
+    """What one batch-1 decode step must read: every weight once (one embedding row) plus the KV cache of
+    the mean context over the timed steps."""
+    return decode["weight_bytes_read_per_step"] + decode["kv_bytes_per_token"] * (prompt_tokens + new_tokens / 2)
 
 
 def hf_decode(src: Path, prompt: list[int], new_tokens: int, static: bool) -> dict:
@@ -167,10 +175,7 @@ def main() -> None:
     res["engine"] = engine_decode(eng, prompt, args.new_tokens)
     torch.cuda.empty_cache()
     bw = copy_bandwidth()
-    m = SHAPE
-    kv_per_token = 2 * m["num_hidden_layers"] * m["num_key_value_heads"] * (m["hidden_size"] // m["num_attention_heads"]) * 2
-    mean_context = args.prompt_tokens + args.new_tokens / 2
-    step_bytes = res["engine"]["weight_bytes_read_per_step"] + kv_per_token * mean_context
+    step_bytes = bytes_per_step(res["engine"], args.prompt_tokens, args.new_tokens)
     res["copy_bandwidth_gb_s"] = bw / 1e9
     res["bytes_per_step_gb"] = step_bytes / 1e9
     res["bandwidth_limit_tok_s"] = bw / step_bytes

@@ -169,8 +169,16 @@ def _baseline(cfg: BenchConfig, facts: dict, reqs, points: list[dict]) -> list[d
     """The HF rows: one per concurrency level, batch size = that level (unbounded -> the engine's batch)."""
     if cfg.baseline is None:
         return []
+    import gc
+
+    import torch
+
     from quantlab.engine.bench_hf import run_hf
 
+    # The engine is shut down, but its weights and KV pool (most of the GPU) are only freed once collected.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     model = cfg.hf_model or facts["source"]
     if model is None:
         raise BenchError("the engine does not record its source model; name it with --hf-model")
