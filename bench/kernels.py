@@ -171,8 +171,8 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "sections": {}}
     plan = args.sections.split(",")
-    share = {"ceilings": 0.05, "check": 0.15, "w4a16": 0.42, "w8a8": 0.1, "attention": 0.12,
-             "elementwise": 0.03, "gemlite": 0.13}
+    share = {"ceilings": 0.05, "check": 0.12, "w4a16": 0.3, "w8a8": 0.08, "attention": 0.1,
+             "elementwise": 0.03, "gemlite": 0.32}
     for i, sec in enumerate(plan):
         deadline = time.time() + share[sec] * args.budget_s
         t0 = time.time()

@@ -20,25 +20,27 @@ from kernels import MS, SHAPES, W4_FORMATS, _on, bench, gtime, stored_w4, stored
 
 
 def gemlite_section(deadline: float) -> list[dict]:
-    """GemLite A16W4 g128 after its own autotuning (reset_config, then the first call per M tunes)."""
+    """GemLite A16W4 g128 after its own autotuning (reset_config, then the first call per M tunes), at every
+    M <= 64, the widest and the narrowest 8B layers first, then the other two while time remains."""
     import gemlite
     gemlite.reset_config()
-    rows = []
-    for name in ("8b.gate_up",):
-        n, k = SHAPES[name]
-        layers = [gemlite_layer(n, k) for _ in range(copies_for(n * k // 2))]
-        for m in (1, 16, 64):
+    rows, layers = [], {}
+    for name in ("8b.gate_up", "8b.o", "8b.qkv", "8b.down"):
+        for m in (1, 4, 16, 64):
             if time.time() > deadline:
                 return rows
+            n, k = SHAPES[name]
+            if name not in layers:
+                layers = {name: [gemlite_layer(n, k) for _ in range(copies_for(n * k // 2))]}
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t0 = time.time()
-            layers[0](x)
+            layers[name][0](x)
             torch.cuda.synchronize()
             first = time.time() - t0
             try:
-                ms, how = gtime([lambda lay=lay: lay(x) for lay in layers]), "cuda graph"
+                ms, how = gtime([lambda lay=lay: lay(x) for lay in layers[name]]), "cuda graph"
             except Exception:  # noqa: BLE001 - a peer that cannot be captured is timed from the host
-                ms, how = bench(lambda: layers[0](x)), "do_bench"
+                ms, how = bench(lambda: layers[name][0](x)), "do_bench"
             rows.append({"shape": name, "m": m, "gemlite_ms": ms, "timed_by": how, "first_call_s": first})
     return rows
 
