@@ -44,14 +44,12 @@ build)
     --device cuda --skip-gates --overwrite "${kv[@]}"
   ;;
 offline)
+  # One run (one engine load) over the four levels, each with 4x its concurrency in requests (at least 8).
   name=$2; shape=$3; in=${shape%x*}; out=${shape#*x}
-  for c in 1 16 64 256; do
-    n=$(( c * 4 < 8 ? 8 : c * 4 ))
-    extra=()
-    if [ "$name" = bf16 ] && [ "$shape" = 512x128 ]; then extra=(--baseline hf --hf-model "$W/src"); fi
-    $QL bench "$W/eng-$name" --mode offline --input-len "$in" --output-len "$out" --num-requests "$n" \
-      --concurrency "$c" --output "$OUT/offline-$name-$shape-c$c" --overwrite "${extra[@]}"
-  done
+  extra=()
+  if [ "$name" = bf16 ] && [ "$shape" = 512x128 ]; then extra=(--baseline hf --hf-model "$W/src"); fi
+  $QL bench "$W/eng-$name" --mode offline --input-len "$in" --output-len "$out" --num-requests 8,64,256,1024 \
+    --concurrency 1,16,64,256 --output "$OUT/offline-$name-$shape" --overwrite "${extra[@]}"
   ;;
 online)
   name=$2
