@@ -110,7 +110,8 @@ def engine_decode(engine_dir: Path, prompt: list[int], new_tokens: int) -> dict:
     embed = r.model.embed.numel() * r.model.embed.element_size()
     m = r.model.config.model
     kv_per_token = 2 * m.num_layers * m.num_kv_heads * m.head_dim * torch.empty((), dtype=r.kv_dtype).element_size()
-    return {"kv_bytes_per_token": kv_per_token, "load_seconds": load, "runner_load_seconds": r.report.seconds, "kv_blocks": r.num_blocks,
+    return {"kv_bytes_per_token": kv_per_token, "load_seconds": load, "verify_seconds": engine.verify_seconds,
+            "runner_load_seconds": r.report.seconds, "kv_blocks": r.num_blocks,
             "kv_cache_gib": r.report.kv_cache_bytes / 2**30, "cuda_graph_batch_sizes": list(r.report.graph_batch_sizes),
             "decode_tokens": steps, "decode_seconds": seconds, "decode_tok_s": steps / seconds,
             "weight_bytes_read_per_step": r.weight_bytes - embed + r.model.config.model.hidden_size * 2,
@@ -193,8 +194,8 @@ def main() -> None:
     save(args.out, res)
     print(f"{'':28s}{'tok/s':>10s}")
     print(f"{'bandwidth limit':28s}{res['bandwidth_limit_tok_s']:10.1f}   ({bw / 1e9:.0f} GB/s, {step_bytes / 1e9:.2f} GB/step)")
-    print(f"{'quantlab engine (batch 1)':28s}{res['engine']['decode_tok_s']:10.1f}   load {res['engine']['load_seconds']:.1f} s, "
-          f"graphs {res['engine']['cuda_graph_batch_sizes']}")
+    print(f"{'quantlab engine (batch 1)':28s}{res['engine']['decode_tok_s']:10.1f}   load {res['engine']['load_seconds']:.1f} s "
+          f"(digests {res['engine']['verify_seconds']:.1f} s), graphs {res['engine']['cuda_graph_batch_sizes']}")
     for h in res["hf_generate"]:
         print(f"{'HF generate (' + h['cache'] + ')':28s}{h.get('decode_tok_s', float('nan')):10.1f}   {h.get('error', '')}")
     print(f"build {res['build_seconds']:.1f} s ({res['engine_gib']:.1f} GiB)")

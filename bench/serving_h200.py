@@ -84,7 +84,8 @@ def stage_command(stage: str, work: Path, out: Path, device: str) -> list[str] |
     if kind == "online":
         (name,) = args
         return QL + ["bench", str(work / f"eng-{name}"), "--mode", "online", "--input-len", "512", "--output-len", "128",
-                     "--num-requests", "256", "--request-rate", "1,4,16,64,inf", "--output",
+                     # ~16 s of arrivals at the low rates, 256 requests at once at the end
+                     "--num-requests", "16,64,256,256,256", "--request-rate", "1,4,16,64,inf", "--output",
                      str(out / f"online-{name}-512x128"), "--overwrite", "--quiet"]
     if kind == "rm":
         shutil.rmtree(work / args[0], ignore_errors=True)

@@ -5,20 +5,30 @@ stays responsive). Only that thread touches the ``LLMEngine``: new requests and 
 through a queue and applied between steps, and outputs come back to each request's asyncio queue with
 ``call_soon_threadsafe``. A request whose consumer stops iterating (closed, cancelled, client gone) is
 aborted, which frees its blocks at the next step boundary.
+
+If a step raises, the thread stops for good (the engine's state is not trusted after a failed step): every
+waiting request, including one handed over just then, ends with ``EngineDeadError``, so does every later
+``generate``, and ``dead_reason`` says why in one sentence (the server's /health reads it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from quantlab.errors import EngineDeadError
+
 from .llm import LLMEngine
 from .outputs import EngineStats, RequestOutput
 from .sampling import SamplingParams
+
+log = logging.getLogger("quantlab.engine")
 
 
 class AsyncLLM:
@@ -34,6 +44,9 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
+        # Held while checking for death and queueing, and while the dying thread records its error, so
+        # nothing lands in the inbox after the thread's last look at it (it would wait forever).
+        self._death_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="quantlab-engine", daemon=True)
         self._thread.start()
 
@@ -48,11 +61,23 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    @property
+    def dead_reason(self) -> str | None:
+        """None while the step thread runs (or after ``shutdown``); else why it stopped, in one sentence."""
+        if self._error is not None:
+            first = (str(self._error).strip().splitlines() or [""])[0][:200]
+            cause = f"{type(self._error).__name__}: {first}" if first else type(self._error).__name__
+            return f"the engine stopped after its step loop failed ({cause}); restart the server"
+        if not self._stopping and not self._thread.is_alive():
+            return "the engine's step thread exited unexpectedly; restart the server"
+        return None
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as tokens arrive; the last one has ``finished=True``.
 
-        Raises EngineRequestError (before the first output) for an empty or over-long prompt.
+        Raises EngineRequestError (before the first output) for an empty or over-long prompt, and
+        EngineDeadError when the step loop has stopped (before this request or while it runs).
         """
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
@@ -82,10 +107,19 @@ class AsyncLLM:
         await asyncio.to_thread(self._thread.join)
 
     def _submit(self, item: tuple) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"the engine stopped after an error: {self._error}")
-        self._inbox.put(item)
-        self._wake.set()
+        with self._death_lock:
+            reason = self.dead_reason
+            if reason is None:
+                self._inbox.put(item)
+        if reason is None:
+            self._wake.set()
+        elif item[0] != "abort":  # aborting on a dead engine has nothing left to stop
+            raise self._dead_error()
+
+    def _dead_error(self) -> EngineDeadError:
+        err = EngineDeadError(self.dead_reason)
+        err.__cause__ = self._error
+        return err
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
@@ -132,6 +166,23 @@ class AsyncLLM:
                 if out is not None:
                     self._deliver(rid, out)
         except BaseException as e:  # noqa: BLE001 - every waiting stream must hear of it
-            self._error = e
-            for rid in list(self._streams):
-                self._deliver(rid, e)
+            with self._death_lock:
+                self._error = e
+            self._fail_everyone()
+            log.error("the engine step loop failed; every request now gets EngineDeadError", exc_info=e)
+
+    def _fail_everyone(self) -> None:
+        """End every stream and every request still in the inbox with EngineDeadError. A consumer whose
+        event loop has closed cannot be told and must not stop the others from being told."""
+        targets = [(loop, stream.put_nowait) for loop, stream in self._streams.values()]
+        self._streams.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "add":
+                targets.append((item[5], item[7].set_exception))
+        for loop, tell in targets:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(tell, self._dead_error())

@@ -38,7 +38,9 @@ class BenchConfig:
         mode: "offline" or "online".
         engine_dir: the engine measured (online with `url`: the engine that server runs, read for its
             vocabulary so prompts are valid token ids).
-        workload: the requests.
+        workload: the requests' lengths and seed.
+        num_requests: requests per sweep point, one per point or one for all; every point runs the first
+            n of the same seeded requests, so a smaller point's prompts are a prefix of a larger one's.
         url: a running server (online); None starts one on a free loopback port.
         concurrency: requests in flight per sweep point; None = unbounded.
         request_rates: online Poisson arrival rates per second (inf = all at once); when given, the sweep
@@ -51,6 +53,7 @@ class BenchConfig:
     mode: str
     engine_dir: str
     workload: Workload
+    num_requests: tuple[int, ...] = (256,)
     url: str | None = None
     concurrency: tuple[int | None, ...] = (None,)
     request_rates: tuple[float, ...] = ()
@@ -71,6 +74,13 @@ class BenchConfig:
             raise BenchError(f"--request-rate must be positive (got {self.request_rates})")
         if self.request_rates and len(self.concurrency) > 1:
             raise BenchError("sweep either --concurrency or --request-rate, not both")
+        if not self.num_requests or any(not isinstance(n, int) or n < 1 for n in self.num_requests):
+            raise BenchError(f"--num-requests must be integers >= 1 (got {','.join(map(str, self.num_requests))!r})")
+        swept, points = ("--request-rate", len(self.request_rates)) if self.request_rates else (
+            "--concurrency", len(self.concurrency))
+        if len(self.num_requests) not in (1, points):
+            raise BenchError(f"--num-requests has {len(self.num_requests)} values but {swept} has {points}; give one "
+                             "count per sweep point, or one count for all of them")
         if self.url is not None and self.mode != "online":
             raise BenchError("--url is an online setting")
         if self.baseline not in (None, "hf"):
@@ -96,14 +106,15 @@ def _device_name(device: str) -> str:
 
 
 def _point(label: str, concurrency, rate, timings, duration, samples) -> dict:
-    return {"label": label, "concurrency": concurrency, "request_rate": rate,
+    return {"label": label, "concurrency": concurrency, "request_rate": rate, "num_requests": len(timings),
             "summary": summarize(timings, duration, samples), "requests": [asdict(t) for t in timings]}
 
 
-def _sweep(cfg: BenchConfig) -> list[tuple[int | None, float | None]]:
-    if cfg.request_rates:
-        return [(cfg.concurrency[0], r) for r in cfg.request_rates]
-    return [(c, None) for c in cfg.concurrency]
+def _sweep(cfg: BenchConfig) -> list[tuple[int | None, float | None, int]]:
+    """(concurrency, rate, number of requests) of each sweep point."""
+    levels = [(cfg.concurrency[0], r) for r in cfg.request_rates] or [(c, None) for c in cfg.concurrency]
+    counts = cfg.num_requests * len(levels) if len(cfg.num_requests) == 1 else cfg.num_requests
+    return [(c, rate, n) for (c, rate), n in zip(levels, counts)]
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -111,16 +122,16 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.output is not None:
         check_output(cfg.output, cfg.overwrite, "bench output ", BenchError)
     facts = _engine_facts(cfg.engine_dir)
-    reqs = cfg.workload.requests(facts["vocab_size"], facts["special_ids"])
+    reqs = cfg.workload.requests(max(cfg.num_requests), facts["vocab_size"], facts["special_ids"])
     points = []
     with _engine_and_server(cfg) as (llm, url, model, num_blocks):
         facts["num_kv_blocks"] = num_blocks
-        for c, rate in _sweep(cfg):
+        for c, rate, n in _sweep(cfg):
             label = (f"c={c or 'all'}" if rate is None else f"rate={rate:g}/s") + ("" if rate is None or c is None else f" c={c}")
             if cfg.mode == "offline":
-                timings, duration, samples = asyncio.run(run_offline(llm, reqs, c, cfg.workload.seed, cfg.progress))
+                timings, duration, samples = asyncio.run(run_offline(llm, reqs[:n], c, cfg.workload.seed, cfg.progress))
             else:
-                timings, duration, samples = asyncio.run(run_online(url, model, reqs, c, rate, cfg.workload.seed, cfg.progress))
+                timings, duration, samples = asyncio.run(run_online(url, model, reqs[:n], c, rate, cfg.workload.seed, cfg.progress))
             points.append(_point(label, c, rate, timings, duration, samples))
     settings = {**{k: v for k, v in asdict(cfg).items() if k != "workload"}, **asdict(cfg.workload)}
     report = {"command": shlex.join(["quantlab", *sys.argv[1:]]), "settings": settings,
@@ -158,7 +169,7 @@ def _engine_and_server(cfg: BenchConfig):
         else:
             from quantlab.engine.server import ServerSettings, background_server
 
-            max_queue = max(cfg.workload.num_requests, 1)
+            max_queue = max(cfg.num_requests)
             with background_server(llm, ServerSettings(max_queue=max_queue, grace_period=5.0)) as (url, _):
                 yield None, url, llm.model_name, num_blocks
     finally:
@@ -166,7 +177,8 @@ def _engine_and_server(cfg: BenchConfig):
 
 
 def _baseline(cfg: BenchConfig, facts: dict, reqs, points: list[dict]) -> list[dict]:
-    """The HF rows: one per concurrency level, batch size = that level (unbounded -> the engine's batch)."""
+    """The HF rows: one per sweep point, over that point's requests, batch size = its concurrency level
+    (unbounded -> the engine's batch)."""
     if cfg.baseline is None:
         return []
     import gc
@@ -185,7 +197,7 @@ def _baseline(cfg: BenchConfig, facts: dict, reqs, points: list[dict]) -> list[d
     rows = []
     for p in points:
         batch = p["concurrency"] or facts["max_batch_size"]
-        row = run_hf(model, reqs, batch, facts["device"], facts["dtype"], cfg.progress)
+        row = run_hf(model, reqs[:p["num_requests"]], batch, facts["device"], facts["dtype"], cfg.progress)
         row["engine_point"] = p["label"]
         row["engine_speedup"] = p["summary"]["output_tok_per_s"] / row["output_tok_per_s"]
         rows.append(row)

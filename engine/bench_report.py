@@ -15,6 +15,11 @@ def _num(v: float | None, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def requests_text(num_requests) -> str:
+    """`256 requests`, or `8/64/256 requests per point` for a sweep with a count per point."""
+    return "/".join(map(str, num_requests)) + " requests" + (" per point" if len(num_requests) > 1 else "")
+
+
 def _speedup(report: dict, label: str) -> str:
     rows = [b for b in report.get("baseline", []) if b["engine_point"] == label]
     return f"{rows[0]['engine_speedup']:.2f}x" if rows else "-"
@@ -22,17 +27,17 @@ def _speedup(report: dict, label: str) -> str:
 
 def format_table(report: dict) -> str:
     """One row per sweep point (and the HF baseline rows), the numbers a reader compares first."""
-    head = ["point", "req/s", "out tok/s", "total tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "e2e p50/p99 ms",
+    head = ["point", "requests", "req/s", "out tok/s", "total tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "e2e p50/p99 ms",
             "KV max", "seqs max", "failed", "engine vs HF"]
     rows = []
     for p in report["points"]:
         s = p["summary"]
-        rows.append([p["label"], _num(s["requests_per_s"], "{:.2f}"), _num(s["output_tok_per_s"]),
+        rows.append([p["label"], str(p["num_requests"]), _num(s["requests_per_s"], "{:.2f}"), _num(s["output_tok_per_s"]),
                      _num(s["total_tok_per_s"]), f"{_ms(s['ttft_p50_s'])}/{_ms(s['ttft_p99_s'])}",
                      f"{_ms(s['itl_p50_s'])}/{_ms(s['itl_p99_s'])}", f"{_ms(s['e2e_p50_s'])}/{_ms(s['e2e_p99_s'])}",
                      _num(s["kv_usage_max"], "{:.0%}"), _num(s["running_max"], "{:.0f}"), str(s["failed"]), _speedup(report, p["label"])])
     for b in report.get("baseline", []):
-        rows.append([f"HF generate b={b['batch_size']} ({b['engine_point']})", _num(b["requests_per_s"], "{:.2f}"),
+        rows.append([f"HF generate b={b['batch_size']} ({b['engine_point']})", str(b["completed"]), _num(b["requests_per_s"], "{:.2f}"),
                      _num(b["output_tok_per_s"]), _num(b["total_tok_per_s"]), "-", "-", "-", "-", "-", "-", "-"])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in [head] + rows]
@@ -65,7 +70,7 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     s = report["settings"]
     fig.suptitle(f"{s['mode']} {s.get('engine_dir') or s.get('url')}: {s['input_len']} in / {s['output_len']} out, "
-                 f"{s['num_requests']} requests ({report['date']}, {report['device']})", fontsize=9)
+                 f"{requests_text(s['num_requests'])} ({report['date']}, {report['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,5 +1,5 @@
-"""What a benchmark sends: N requests of random prompt token ids with fixed or spread lengths, and what
-it measures of each one (`RequestTiming`), summarized into throughput and latency percentiles.
+"""What a benchmark sends: requests of random prompt token ids with fixed or spread lengths, and what it
+measures of each one (`RequestTiming`), summarized into throughput and latency percentiles.
 
 Prompts are token ids, not text, so the input length is exact whatever the tokenizer (vLLM's `random`
 dataset does the same), and every request asks for exactly its output length (`ignore_eos`), so two
@@ -20,23 +20,26 @@ class BenchError(QuantlabError):
 
 @dataclass(frozen=True)
 class Workload:
-    """N requests; lengths are uniform in [len * (1 - range_ratio), len * (1 + range_ratio)] (0 = fixed)."""
+    """The requests' shape; lengths are uniform in [len * (1 - range_ratio), len * (1 + range_ratio)] (0 = fixed).
+    How many run at each sweep point is `BenchConfig.num_requests`."""
 
-    num_requests: int
     input_len: int
     output_len: int
     range_ratio: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("num_requests", "input_len", "output_len"):
+        for name in ("input_len", "output_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise BenchError(f"--{name.replace('_', '-')} must be an integer >= 1 (got {getattr(self, name)!r})")
         if not 0 <= self.range_ratio < 1:
             raise BenchError(f"--range-ratio must be in [0, 1) (got {self.range_ratio})")
 
-    def requests(self, vocab_size: int, special_ids: set[int]) -> list[BenchRequest]:
-        """The requests, the same for the same seed whatever runs them (engine, server or HF baseline)."""
+    def requests(self, num_requests: int, vocab_size: int, special_ids: set[int]) -> list[BenchRequest]:
+        """The requests, the same for the same seed whatever runs them (engine, server or HF baseline).
+
+        They are drawn one after another from one generator, so fewer requests are a prefix of more.
+        """
         rng = random.Random(self.seed)
         allowed = [t for t in range(vocab_size) if t not in special_ids]
 
@@ -45,7 +48,7 @@ class Workload:
             return rng.randint(lo, hi)
 
         out = []
-        for _ in range(self.num_requests):
+        for _ in range(num_requests):
             n_in, n_out = length(self.input_len), length(self.output_len)
             out.append(BenchRequest([rng.choice(allowed) for _ in range(n_in)], n_out))
         return out

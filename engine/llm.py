@@ -53,6 +53,7 @@ class LLMEngine:
         start = time.perf_counter()
         self.engine_dir = Path(engine_dir)
         self.config = verify_engine(self.engine_dir, public_key, require_signature)
+        self.verify_seconds = time.perf_counter() - start
         device = check_target(self.config, self.engine_dir)
         options = RuntimeOptions.from_overrides(overrides)
         self.tokenizer = AutoTokenizer.from_pretrained(self.engine_dir)
@@ -65,8 +66,9 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.eos_token_ids = self.config.model.eos_token_ids
         self.load_seconds = time.perf_counter() - start
-        log.info("loaded %s in %.2f s (%d KV blocks, CUDA graphs for %s)", engine_dir, self.load_seconds,
-                 self.runner.num_blocks, list(self.runner.report.graph_batch_sizes) or "none")
+        log.info("loaded %s in %.2f s (digests %.2f s; %d KV blocks, CUDA graphs for %s)", engine_dir,
+                 self.load_seconds, self.verify_seconds, self.runner.num_blocks,
+                 list(self.runner.report.graph_batch_sizes) or "none")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     priority: int = 0) -> None:

@@ -1,7 +1,7 @@
 """Pinning an engine: the manifest of file digests, its optional Ed25519 signature, and the target check.
 
 ``manifest.json`` lists the SHA-256 of every file of the engine directory (itself and ``manifest.sig``
-aside). ``manifest.sig`` is the Ed25519 signature of manifest.json's exact bytes, so one signature covers
+aside); files are hashed concurrently, which is what keeps the check of a large engine short. ``manifest.sig`` is the Ed25519 signature of manifest.json's exact bytes, so one signature covers
 every file. Loading refuses, in one sentence that ends in "rebuild", an engine whose files changed, went
 missing or were added, or that was built for another device, compute capability or major torch/triton
 version: its packed layouts and captured kernels were chosen for that target.
@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from quantlab.checkpoint.digest import file_sha256
+from quantlab.checkpoint.digest import files_sha256
 
 from .config import EngineConfig, EngineError
 
@@ -25,7 +25,8 @@ PRIVATE_KEY, PUBLIC_KEY = "engine-signing.key", "engine-signing.pub"
 
 def write_manifest(directory: Path, sign_key: str | Path | None = None) -> None:
     """Write manifest.json for every file now in ``directory`` and, with a private key, manifest.sig."""
-    files = {f.name: file_sha256(f) for f in sorted(directory.iterdir()) if f.is_file()}
+    paths = [f for f in sorted(directory.iterdir()) if f.is_file()]
+    files = {f.name: digest for f, digest in zip(paths, files_sha256(paths))}
     data = (json.dumps({"version": 1, "files": files}, indent=2) + "\n").encode()
     (directory / MANIFEST).write_bytes(data)
     if sign_key is not None:
@@ -110,8 +111,9 @@ def verify_engine(directory: str | Path, public_key: str | Path | None = None,
         raise EngineError(f"{directory / name} is missing; the engine must be rebuilt")
     for name in sorted(present - set(files)):
         raise EngineError(f"{directory / name} is not in the manifest; remove it or rebuild the engine")
-    for name, digest in sorted(files.items()):
-        if file_sha256(directory / name) != digest:
+    names = sorted(files)
+    for name, digest in zip(names, files_sha256(directory / name for name in names)):
+        if digest != files[name]:
             raise EngineError(f"{directory / name} changed since the build (SHA-256 differs); rebuild the engine")
     return config
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from quantlab.engine import openai_format as fmt
 from quantlab.engine.fanout import Fanout
 from quantlab.engine.metrics import ServerMetrics
-from quantlab.errors import QuantlabError
+from quantlab.errors import EngineDeadError, QuantlabError
 
 log = logging.getLogger("quantlab.serve")
 
@@ -48,6 +48,8 @@ class ServerState:
     def admit(self, model: str | None, num_sequences: int) -> None:
         if self.draining:
             raise HTTPError(503, "the server is shutting down and admits no new requests")
+        if (dead := self.llm.dead_reason) is not None:
+            raise HTTPError(503, dead)
         if model is not None and model != self.model_name:
             raise HTTPError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`", "model")
         if self.queued + num_sequences > self.settings.max_queue:
@@ -191,6 +193,9 @@ class _Reply:
         except QuantlabError as e:
             await self.abort()
             yield sse(fmt.error_body(str(e), 400))
+        except EngineDeadError as e:  # the traceback is in the log, written by the engine's thread
+            await self.abort()
+            yield sse(fmt.error_body(str(e), 503))
         except Exception:
             log.exception("a streaming request failed")
             await self.abort()

@@ -3,8 +3,9 @@
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models, /health,
 /metrics. Every error is OpenAI's JSON error object with the status a client can act on: 400 for a bad
 field (named in the message and in `param`) or a prompt the engine refuses, 404 for another model's name
-or an unknown route, 408 past --request-timeout, 429 past --max-queue, 503 while shutting down, 500 for
-anything else (the traceback goes to the server log, never to the client).
+or an unknown route, 408 past --request-timeout, 429 past --max-queue, 503 while shutting down or once
+the engine's step loop has died (/health too, so a liveness probe restarts the process), 500 for anything
+else (the traceback goes to the server log, never to the client).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException
 from quantlab.engine import openai_format as fmt
 from quantlab.engine.openai_serving import HTTPError, ServerState, respond
 from quantlab.engine.protocol import ChatCompletionRequest, CompletionRequest, RequestFieldError
-from quantlab.errors import EngineRequestError, QuantlabError
+from quantlab.errors import EngineDeadError, EngineRequestError, QuantlabError
 
 log = logging.getLogger("quantlab.serve")
 _FIELDS = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
@@ -88,6 +89,8 @@ def create_app(async_llm, settings: ServerSettings | None = None) -> FastAPI:
     async def health():
         if state.draining:
             raise HTTPError(503, "the server is shutting down")
+        if (dead := async_llm.dead_reason) is not None:
+            raise HTTPError(503, dead)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -139,6 +142,10 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(HTTPError)
     async def refused(request, exc: HTTPError):
         return reply(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(request, exc: EngineDeadError):  # the engine's thread logged the traceback
+        return reply(503, str(exc))
 
     @app.exception_handler(QuantlabError)
     async def bad_request(request, exc: QuantlabError):

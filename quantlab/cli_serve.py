@@ -55,7 +55,7 @@ def bench(
     engine_dir: Annotated[Path, typer.Argument(help="The engine measured (with --url: the engine that server runs).")],
     mode: Annotated[str, typer.Option(help="offline (straight into the engine) or online (through the HTTP server).")] = "offline",
     url: Annotated[str | None, typer.Option(help="Online: a running server; default: start one on a free loopback port.")] = None,
-    num_requests: Annotated[int, typer.Option(help="Requests per sweep point.")] = 256,
+    num_requests: Annotated[str, typer.Option(help="Requests per sweep point: one count for all, or comma-separated, one per --concurrency or --request-rate value (e.g. 8,64,256,1024).")] = "256",
     input_len: Annotated[int, typer.Option(help="Prompt tokens per request (mean when --range-ratio > 0).")] = 512,
     output_len: Annotated[int, typer.Option(help="Generated tokens per request (mean when --range-ratio > 0).")] = 128,
     range_ratio: Annotated[float, typer.Option(help="Spread lengths uniformly by this fraction around the means.")] = 0.0,
@@ -70,16 +70,17 @@ def bench(
 ) -> None:
     """Measure an engine: offline throughput or online latency/throughput sweeps, optionally against HF."""
     from .engine.bench import BenchConfig, run_bench
-    from .engine.bench_report import format_table
+    from .engine.bench_report import format_table, requests_text
     from .engine.bench_workload import Workload
 
     cfg = BenchConfig(mode=mode, engine_dir=str(engine_dir), url=url, concurrency=_levels(concurrency),
-                      workload=Workload(num_requests, input_len, output_len, range_ratio, seed),
+                      workload=Workload(input_len, output_len, range_ratio, seed),
+                      num_requests=_list(num_requests, int, "--num-requests"),
                       request_rates=_list(request_rate, float, "--request-rate"), baseline=baseline,
                       hf_model=hf_model, output=output, overwrite=overwrite, progress=not quiet)
     report = run_bench(cfg)
     typer.echo(f"{mode} bench of {engine_dir} on {report['device']}, {report['date']}: "
-               f"{num_requests} requests, {input_len} in / {output_len} out")
+               f"{requests_text(cfg.num_requests)}, {input_len} in / {output_len} out")
     typer.echo(format_table(report))
     if output is not None:
         typer.echo(f"wrote {output}/results.json, table.txt, throughput_latency.png")

@@ -40,3 +40,9 @@ class SamplingError(QuantlabError):
 
 class EngineRequestError(QuantlabError):
     """The engine cannot serve a request as asked, e.g. its prompt is empty or longer than the limits."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop has stopped (an exception in a step, or its thread exited), so no request can
+    run until the process is restarted. Not a QuantlabError: it is no fault of the request, and a server
+    answers it with 503, not 400."""

@@ -67,6 +67,7 @@ class FakeAsyncLLM:
         self.requests: dict[str, _Seq] = {}
         self.num_aborted = self.num_generated = 0
         self.shut_down = False
+        self.dead_reason: str | None = None  # the fake's step loop never dies
         self._loop_task: asyncio.Task | None = None
 
     def apply_chat_template(self, messages: list[dict]) -> str:

@@ -87,3 +87,20 @@ def test_unsigned_engine_refused_when_signature_required(engine, tmp_path):
         verify_engine(engine, public_key=public, require_signature=True)
     with pytest.raises(EngineError, match="needs --public-key"):
         verify_engine(engine, require_signature=True)
+
+
+def test_changed_shard_is_named_whichever_file_finishes_hashing_first(tiny_model, tmp_path, monkeypatch):
+    from engine_helpers import build
+    from quantlab.engine import builder
+
+    monkeypatch.setattr(builder, "SHARD_BYTES", 64 << 10)
+    engine = build(tiny_model[0], tmp_path / "sharded").path
+    shards = sorted(engine.glob("weights-*.safetensors"))
+    assert len(shards) > 3
+    verify_engine(engine)
+    for shard in shards[1:3]:
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0x01
+        shard.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=f"{shards[1].name} changed since the build"):
+        verify_engine(engine)
