@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .fp8 import cast_saturating
+from .integer import exact_div
 from .spec import E2M1_EMAX, E2M1_GRID, E2M1_MAX, E8M0_BIAS, FP8_E4M3_MAX
 
 # Index into E2M1_GRID of 2 * magnitude (0, 1, 2, 3, 4, 6, 8, 12); other entries are never hit.
@@ -64,7 +65,7 @@ def nvfp4_global_scale(amax_tensor: torch.Tensor) -> torch.Tensor:
 
 def nvfp4_block_scale(amax_block: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """E4M3 per-block scales from per-block absolute maxima."""
-    return cast_saturating(amax_block.float() / E2M1_MAX * global_scale, torch.float8_e4m3fn)
+    return cast_saturating(exact_div(amax_block.float(), E2M1_MAX) * global_scale, torch.float8_e4m3fn)
 
 
 def nvfp4_encode(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

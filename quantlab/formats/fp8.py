@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from .integer import store_scale
+from .integer import exact_div, store_scale
 from .spec import FormatSpec
 
 
 def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
     """Float32 scale mapping the group's absolute maximum onto the format's largest finite value."""
     amax = torch.maximum(lo.abs(), hi.abs())
-    return store_scale(amax / spec.qmax, spec.scale_dtype)
+    return store_scale(exact_div(amax, spec.qmax), spec.scale_dtype)
 
 
 def cast_saturating(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -15,6 +15,16 @@ import torch
 from .spec import FormatSpec
 
 
+def exact_div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` correctly rounded on every device.
+
+    On CUDA, PyTorch divides by a Python number as a multiplication by its rounded reciprocal (one ulp off
+    for divisors like 6 or 448), while the CPU divides; a divisor tensor on ``x``'s device gets a true
+    division everywhere, which the kernels' IEEE divisions (``tl.div_rn``) reproduce bit for bit.
+    """
+    return x / torch.full((), c, dtype=x.dtype, device=x.device)
+
+
 def store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round a float32 scale to its storage dtype, replacing 0 by the dtype's smallest normal number.
 
@@ -29,9 +39,9 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: FormatSpec) -> tuple[torch
     """Scale (in ``spec.scale_dtype``) and zero point (int8, or None if symmetric) from a range."""
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        return store_scale(amax / spec.qmax, spec.scale_dtype), None
+        return store_scale(exact_div(amax, spec.qmax), spec.scale_dtype), None
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    scale = store_scale((hi - lo) / (spec.qmax - spec.qmin), spec.scale_dtype)
+    scale = store_scale(exact_div(hi - lo, spec.qmax - spec.qmin), spec.scale_dtype)
     zero_point = torch.round(spec.qmin - lo / scale.float()).clamp(spec.qmin, spec.qmax)
     return scale, zero_point.to(torch.int8)
 
