@@ -95,3 +95,36 @@ def test_quantized_engine_logits_equal_fake_quant_model(make_checkpoint, tmp_pat
     # orders of summation differ, so compare with a tolerance scaled to the logits and require the argmax.
     torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=0)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+# DecoderLayer attribute -> (transformers block, the modules it computes, in output order)
+PROJECTIONS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o_proj": ("self_attn", ("o_proj",)),
+               "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_w4a4_projections_equal_reference_modules_bit_for_bit(make_checkpoint, tmp_path, dtype):
+    """Every NVFP4 W4A4 projection of the engine (fused q/k/v and gate/up included) computes exactly what the
+    checkpoint's simulated modules compute on the same input: one activation quantizer (quantlab.formats), the
+    stored weights and global scales. So any W4A4 difference between engine and reference comes from the
+    inputs, i.e. from how the rest of the model orders and rounds its sums (docs/engine.md, quantlab verify)."""
+    from quantlab.fake_quant import QuantLinear
+
+    ckpt = make_checkpoint(*SCHEMES["nvfp4"])
+    summary = build(ckpt, tmp_path / "eng", dtype=dtype)
+    assert not summary.config.fusion, summary.config.fusion  # the fused path is the one under test
+    reference, _, _ = load_quantized(ckpt, getattr(torch, dtype))
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0][0]))
+             for n, m in reference.named_modules() if isinstance(m, QuantLinear)]
+    hf_logits(reference, IDS)  # the real inputs of every projection (outliers and all)
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(runner(tmp_path / "eng").model.layers):
+        for proj, (block, parts) in PROJECTIONS.items():
+            names = [f"model.layers.{i}.{block}.{p}" for p in parts]
+            x = inputs[names[0]]
+            with torch.no_grad():
+                want = torch.cat([reference.get_submodule(n)(x) for n in names], dim=-1)
+            got = getattr(layer, proj)(x)
+            assert got.dtype == want.dtype and torch.equal(got, want), f"layer {i} {proj}"
