@@ -123,16 +123,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         check_output(cfg.output, cfg.overwrite, "bench output ", BenchError)
     facts = _engine_facts(cfg.engine_dir)
     reqs = cfg.workload.requests(max(cfg.num_requests), facts["vocab_size"], facts["special_ids"])
-    points = []
-    with _engine_and_server(cfg) as (llm, url, model, num_blocks):
-        facts["num_kv_blocks"] = num_blocks
-        for c, rate, n in _sweep(cfg):
-            label = (f"c={c or 'all'}" if rate is None else f"rate={rate:g}/s") + ("" if rate is None or c is None else f" c={c}")
-            if cfg.mode == "offline":
-                timings, duration, samples = asyncio.run(run_offline(llm, reqs[:n], c, cfg.workload.seed, cfg.progress))
-            else:
-                timings, duration, samples = asyncio.run(run_online(url, model, reqs[:n], c, rate, cfg.workload.seed, cfg.progress))
-            points.append(_point(label, c, rate, timings, duration, samples))
+    points = _run_points(cfg, facts, reqs)
     settings = {**{k: v for k, v in asdict(cfg).items() if k != "workload"}, **asdict(cfg.workload)}
     report = {"command": shlex.join(["quantlab", *sys.argv[1:]]), "settings": settings,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -144,6 +135,22 @@ def run_bench(cfg: BenchConfig) -> dict:
         with atomic_directory(cfg.output, cfg.overwrite, "bench output ", BenchError) as tmp:
             write(report, tmp)
     return report
+
+
+def _run_points(cfg: BenchConfig, facts: dict, reqs) -> list[dict]:
+    """Every sweep point through one engine (and server), all stopped on return: a function of its own so
+    that no reference to the engine outlives it and the HF baseline gets the GPU memory back."""
+    points = []
+    with _engine_and_server(cfg) as (llm, url, model, num_blocks):
+        facts["num_kv_blocks"] = num_blocks
+        for c, rate, n in _sweep(cfg):
+            label = (f"c={c or 'all'}" if rate is None else f"rate={rate:g}/s") + ("" if rate is None or c is None else f" c={c}")
+            if cfg.mode == "offline":
+                timings, duration, samples = asyncio.run(run_offline(llm, reqs[:n], c, cfg.workload.seed, cfg.progress))
+            else:
+                timings, duration, samples = asyncio.run(run_online(url, model, reqs[:n], c, rate, cfg.workload.seed, cfg.progress))
+            points.append(_point(label, c, rate, timings, duration, samples))
+    return points
 
 
 @contextlib.contextmanager

@@ -147,3 +147,32 @@ def test_online_bench_against_a_running_server_url(engine_dir):
     assert report["points"][0]["summary"]["output_tokens"] == 12 and report["points"][0]["summary"]["failed"] == 0
     with pytest.raises(BenchError, match="no OpenAI-compatible server answers"):
         run_bench(BenchConfig(url="http://127.0.0.1:9", **cfg))
+
+
+def test_engine_is_freed_before_the_hf_baseline_loads(engine_dir, monkeypatch):
+    # On a GPU the engine's KV pool takes most of the memory: HF ran out of it (H200, 2026-12-02) while a
+    # local variable still held the shut-down engine.
+    import gc
+    import weakref
+
+    from quantlab.engine import bench_hf
+    from quantlab.engine.async_llm import AsyncLLM
+
+    made, alive = [], []
+    real = AsyncLLM.from_engine_dir.__func__
+
+    def tracked(cls, path, **overrides):
+        llm = real(cls, path, **overrides)
+        made.append(weakref.ref(llm.engine))
+        return llm
+
+    def fake_run_hf(*args, **kwargs):
+        gc.collect()
+        alive.append([ref() is not None for ref in made])
+        return {"output_tok_per_s": 1.0}
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_dir", classmethod(tracked))
+    monkeypatch.setattr(bench_hf, "run_hf", fake_run_hf)
+    run_bench(BenchConfig("offline", str(engine_dir), Workload(8, 4), concurrency=(2,), num_requests=(4,),
+                          baseline="hf", progress=False))
+    assert alive == [[False]]
