@@ -51,3 +51,16 @@ def test_possible_stop_prefix_is_held_back_until_ruled_out(tokenizer):
     for t in tokenizer.encode(" und"):
         d.add(t)
     assert d.visible(finished=False) == "Grüße aus Köln und"
+
+
+def test_backend_decoding_equals_transformers_decode_with_special_tokens(tokenizer):
+    # The Rust backend decodes on the hot path; it must skip special tokens exactly as transformers does.
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>"})
+    ids = tokenizer.encode(TEXT) + [tokenizer.eos_token_id] + tokenizer.encode(" after")
+    fast, slow = Detokenizer(tokenizer, []), Detokenizer(tokenizer, [])
+    slow.backend = None  # transformers' own decode
+    for t in ids:
+        fast.add(t)
+        slow.add(t)
+    want = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert fast.backend is not None and fast.text == slow.text == want and "<|im_end|>" not in want
