@@ -122,7 +122,8 @@ def gemlite_layer(n, k):
 
 
 def w8a8_section(deadline: float) -> dict:
-    """FP8 (row-wise _scaled_mm) and INT8 (Triton GEMM tuned per shape) W8A8, activation quantization included."""
+    """FP8 and INT8 W8A8 as the engine runs them after ``quantlab build``'s tuning (INT8: Triton GEMM configs;
+    FP8: row-wise ``_scaled_mm`` or the Triton GEMM, per M bucket), activation quantization included."""
     rows, tuning = [], {}
     for name, (n, k) in SHAPES.items():
         if time.time() > deadline:
@@ -132,10 +133,11 @@ def w8a8_section(deadline: float) -> dict:
         for fmt in ("fp8_e4m3", "int8"):
             spec, t = linear.pack(stored_w8(fmt, n, k), torch.bfloat16)
             t = _on(t)
-            if fmt == "int8":
-                timings = []
-                tuning[name] = {"choice": w8a8.tune_int8(t, ms=(1, 1024, 4096), timings=timings), "timings": timings}
-                spec = dataclasses.replace(spec, kernel_config=tuning[name]["choice"])
+            timings = []
+            tune = w8a8.tune_int8 if fmt == "int8" else w8a8.tune_fp8
+            choice = tune(t, ms=(1, 1024, 4096), timings=timings)
+            tuning[f"{name} {fmt}"] = {"choice": choice, "timings": timings}
+            spec = dataclasses.replace(spec, kernel_config=choice)
             packs[fmt] = (spec, _copies(t, n * k))
         for m in (1, 1024, 4096):
             if time.time() > deadline:

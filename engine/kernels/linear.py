@@ -121,6 +121,8 @@ def tune(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
         return w4a16.tune(spec.weight_format, spec.group_size or spec.in_features, tensors)
     if spec.kind == "w8a8_int8":
         return w8a8.tune_int8(tensors)
+    if spec.kind == "w8a8_fp8":
+        return w8a8.tune_fp8(tensors)
     return None
 
 
@@ -175,7 +177,7 @@ def apply(x: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -
         return w4a16.w4a16_matmul(x, spec.weight_format, group, tensors, cfg)
     static = not spec.act_dynamic and spec.act_granularity == "tensor"
     if spec.kind == "w8a8_fp8" and (spec.act_granularity == "token" or static):
-        return w8a8.fp8_matmul(x, tensors, static)
+        return w8a8.fp8_matmul(x, tensors, static, spec.kernel_config)
     if spec.kind == "w8a8_int8" and (spec.act_granularity == "token" or static):
         return w8a8.int8_matmul(x, tensors, static, spec.kernel_config)
     return linear_ref(x, spec, tensors)

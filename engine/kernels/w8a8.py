@@ -6,7 +6,9 @@ is broadcast to every channel at build time); ``input_scale`` float32 [1] for st
 
 Run time: one Triton pass per row computes the token's amax and writes its codes and scale
 (``quantize_rows``; a static scale skips the amax), then
-- FP8: ``torch._scaled_mm`` with row-wise scales (per-token x per-channel) and the bias in its epilogue;
+- FP8: ``torch._scaled_mm`` with row-wise scales (per-token x per-channel) and the bias in its epilogue, or,
+  where ``tune_fp8`` measured it faster on the build's GPU (small M, where cuBLASLt's FP8 GEMM is no
+  faster than a BF16 GEMV over twice the bytes), the Triton GEMM below with FP8 operands;
 - INT8: a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (``int8_matmul``).
 The rounding is ``quantlab.formats``' (scale = amax / qmax, a zero scale replaced by float32's tiny,
 FP8 round-to-nearest-even with saturation, INT8 round-half-even and clamp), and ``x / scale`` is an IEEE
@@ -116,16 +118,27 @@ def quantize_rows(x: torch.Tensor, fmt: str, static_scale: torch.Tensor | None =
     return q, scales
 
 
-def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool) -> torch.Tensor:
-    """FP8 W8A8 product in ``x``'s dtype: row-wise ``_scaled_mm`` after the fused activation quantization."""
+def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, configs: dict | None = None) -> torch.Tensor:
+    """FP8 W8A8 product in ``x``'s dtype: the fused activation quantization, then row-wise ``_scaled_mm`` or,
+    where ``tune_fp8`` chose it for this M bucket (``configs``), the Triton GEMM."""
     q, sa = quantize_rows(x, "fp8_e4m3", tensors["input_scale"] if static else None)
-    return torch._scaled_mm(q, tensors["weight"].t(), scale_a=sa, scale_b=tensors["weight_scale"],
-                            bias=tensors.get("bias"), out_dtype=x.dtype)
+    cfg = tuned_for(configs, x.shape[0]) if configs else None
+    if cfg is not None and cfg.get("path") == "triton":
+        return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, cfg)
+    return _scaled_mm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype)
+
+
+def _scaled_mm(q, sa, w, sw, bias, dtype):
+    return torch._scaled_mm(q, w.t(), scale_a=sa, scale_b=sw, bias=bias, out_dtype=dtype)
 
 
 @triton.jit
-def _int8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _w8a8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, HAS_BIAS: tl.constexpr,
+                    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    """``(a @ b^T) * sa * sb (+ bias)`` for 8-bit codes: int8 (int32 accumulation, exact) or, with ``FP8``,
+    E4M3 codes passed as their uint8 bits (a masked float8 load has no ``other`` in the interpreter) and
+    accumulated in float32."""
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     # Grouped ordering: GROUP_M row-tiles share their column tiles while those are in L2.
@@ -137,11 +150,13 @@ def _int8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, HAS_
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(a_ptr + offs_m[:, None] * K + kk[None, :], mask=(offs_m < M)[:, None] & (kk < K)[None, :], other=0)
         b = tl.load(b_ptr + offs_n[None, :] * K + kk[:, None], mask=(offs_n < N)[None, :] & (kk < K)[:, None], other=0)
+        if FP8:
+            a, b = a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True)
         acc += tl.dot(a, b)
     mask_m, mask_n = offs_m < M, offs_n < N
     out = acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
@@ -152,15 +167,19 @@ def _int8_mm_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, HAS_
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-def int8_gemm(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+def w8a8_gemm(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
               dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """``(q @ w^T) * sa * sw (+ bias)`` in ``dtype``: int8 codes [M, K] and [N, K], int32 accumulation."""
+    """``(q @ w^T) * sa * sw (+ bias)`` in ``dtype``: 8-bit codes [M, K] and [N, K] (int8, int32 accumulation;
+    or float8_e4m3fn, float32 accumulation)."""
     m, k = q.shape
     n = w.shape[0]
-    cfg = config or int8_candidates(m)[0]
+    cfg = config or w8a8_candidates(m)[0]
     out = torch.empty(m, n, device=q.device, dtype=dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _int8_mm_kernel[grid](q, w, sa, sw, sw if bias is None else bias, out, m, n, k, bias is not None,
+    fp8 = q.dtype == torch.float8_e4m3fn
+    if fp8:
+        q, w = q.view(torch.uint8), w.view(torch.uint8)
+    _w8a8_mm_kernel[grid](q, w, sa, sw, sw if bias is None else bias, out, m, n, k, bias is not None, fp8,
                           cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], 8, num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"])
     return out
@@ -173,11 +192,11 @@ def int8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool,
     """
     q, sa = quantize_rows(x, "int8", tensors["input_scale"] if static else None)
     cfg = configs if configs is None or "BLOCK_M" in configs else tuned_for(configs, x.shape[0])
-    return int8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, cfg)
+    return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, cfg)
 
 
-def int8_candidates(m: int) -> list[dict]:
-    """Launch configs ``tune_int8`` times for an M bucket; the first is the default."""
+def w8a8_candidates(m: int) -> list[dict]:
+    """Triton GEMM launch configs timed for an M bucket (``tune_int8``, ``tune_fp8``); the first is the default."""
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     if m <= 16:
         rows = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4))
@@ -189,19 +208,43 @@ def int8_candidates(m: int) -> list[dict]:
 
 
 def tune_int8(tensors: dict[str, torch.Tensor], ms=(1, 16, 256, 1024, 4096), timings: list | None = None) -> dict:
-    """Time ``int8_candidates`` on this GPU per M bucket (build time): {str(bucket): config}."""
+    """Time ``w8a8_candidates`` on this GPU per M bucket (build time): {str(bucket): config}."""
+    return _tune(tensors, "int8", ms, timings)
+
+
+def tune_fp8(tensors: dict[str, torch.Tensor], ms=(1, 16, 256, 1024, 4096), timings: list | None = None) -> dict:
+    """``_scaled_mm`` against the Triton GEMM's configs on this GPU per M bucket (build time):
+    {str(bucket): {"path": "scaled_mm"} or a Triton config with "path": "triton"}. A Triton config is
+    eligible only if its product agrees with ``_scaled_mm``'s on the tuning inputs (both accumulate in
+    float32; only the order of the sums differs)."""
+    return _tune(tensors, "fp8_e4m3", ms, timings)
+
+
+def _tune(tensors: dict[str, torch.Tensor], fmt: str, ms, timings: list | None) -> dict:
     n, k = tensors["weight"].shape
-    nbytes = n * k
-    copies = [tensors["weight"]] + [tensors["weight"].clone() for _ in range(copies_for(nbytes) - 1)]
+    copies = [tensors["weight"]] + [tensors["weight"].clone() for _ in range(copies_for(n * k) - 1)]
     sw = tensors["weight_scale"]
     choice = {}
     for m in ms:
-        q = torch.randint(-128, 128, (m, k), device=sw.device, dtype=torch.int8)
         sa = torch.rand(m, 1, device=sw.device)
+        if fmt == "int8":
+            q = torch.randint(-128, 128, (m, k), device=sw.device, dtype=torch.int8)
+            runs = [(cfg, lambda w, cfg=cfg: w8a8_gemm(q, sa, w, sw, None, torch.bfloat16, cfg)) for cfg in w8a8_candidates(m)]
+        else:
+            q = (torch.randn(m, k, device=sw.device) * 64).to(torch.float8_e4m3fn)
+            want = _scaled_mm(q, sa, copies[0], sw, None, torch.bfloat16).float()  # row-wise scales: BF16 out only
+            runs = [({"path": "scaled_mm"}, lambda w: _scaled_mm(q, sa, w, sw, None, torch.bfloat16))]
+            for cfg in w8a8_candidates(m):
+                try:
+                    got = w8a8_gemm(q, sa, copies[0], sw, None, torch.bfloat16, cfg).float()
+                except Exception:  # noqa: BLE001 - a config that does not compile on this GPU is not a candidate
+                    continue
+                if ((got - want).norm() <= 1e-2 * want.norm()).item():  # BF16 rounding of both outputs
+                    runs.append(({"path": "triton", **cfg}, lambda w, cfg=cfg: w8a8_gemm(q, sa, w, sw, None, torch.bfloat16, cfg)))
         timed = []
-        for cfg in int8_candidates(m):
+        for cfg, run in runs:
             try:
-                t = graph_time_ms([lambda w=w: int8_gemm(q, sa, w, sw, None, torch.bfloat16, cfg) for w in copies])
+                t = graph_time_ms([lambda w=w, run=run: run(w) for w in copies])
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue
             timed.append((t, cfg))

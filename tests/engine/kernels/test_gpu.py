@@ -13,6 +13,7 @@ from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
 from quantlab.engine.kernels import attention, linear, w4a16, w8a8
 from quantlab.formats.fp8 import cast_saturating
+from quantlab.recipe.schema import ActivationScheme
 
 pytestmark = pytest.mark.gpu
 
@@ -43,6 +44,20 @@ def test_row_quantization_is_bit_exact_with_formats(fmt):
     q, s = w8a8.quantize_rows(x, fmt)
     ref = formats.quantize(x.float(), fmt)
     assert torch.equal(q.float(), ref.codes.float()) and torch.equal(s, ref.scale.float())
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_fp8_tuned_choice_matches_reference(m):
+    # tune_fp8 picks _scaled_mm or the Triton GEMM per M bucket; whichever it picked must match the reference.
+    q = formats.quantize(torch.randn(1008, 4096) * 0.02, "fp8_e4m3")
+    act = ActivationScheme("fp8_e4m3", "token", True)
+    spec, t = linear.pack(StoredLinear("l", q, act, None, None, torch.randn(1008)), torch.bfloat16)
+    t = {name: v.cuda() for name, v in t.items()}
+    configs = w8a8.tune_fp8(t, ms=(m,))
+    assert len(configs) == 1 and next(iter(configs.values()))["path"] in ("scaled_mm", "triton")
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    got = w8a8.fp8_matmul(x, t, False, configs)
+    assert _rel(got, linear.linear_ref(x, spec, t)) < 1e-2
 
 
 @pytest.mark.parametrize("fp8", [False, True])
