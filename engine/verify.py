@@ -11,6 +11,9 @@ wrong scale pushes tokens far from the reference's choices; rounding differences
 Reported per prompt: the fraction within the gap, top-1 agreement, prefix agreement (tokens before the
 first disagreement, which is where free-running greedy outputs would part) and the largest logit difference
 at the first step (the prompt's last position, where both saw identical input).
+
+This module's reference scores each whole sequence in one forward (``--reference-order sequence``);
+engine/verify_order.py computes it in the engine's order instead, for W4A4 engines.
 """
 
 from __future__ import annotations
@@ -42,8 +45,12 @@ class PromptResult:
 
 @dataclass(frozen=True)
 class VerifyResult:
+    """Per-prompt results, the gap they were scored with, and the reference's order: ``sequence`` (one
+    forward per whole sequence) or ``engine`` (batched prefill, then one token per step; verify_order.py)."""
+
     prompts: tuple[PromptResult, ...]
     logprob_gap: float
+    reference_order: str = "sequence"
 
     def _mean(self, field: str) -> float:
         n = sum(p.num_tokens for p in self.prompts)
@@ -66,7 +73,10 @@ class VerifyResult:
         return max(p.first_step_max_logit_diff for p in self.prompts)
 
     def summary(self) -> str:
-        lines = ["prompt  tokens  within-gap  top-1   prefix  first-step max |dlogit|"]
+        how = {"sequence": "one forward per whole sequence",
+               "engine": "the engine's order: batched prefill, then one token per step through a KV cache"}
+        lines = [f"reference order: {self.reference_order} ({how[self.reference_order]})",
+                 "prompt  tokens  within-gap  top-1   prefix  first-step max |dlogit|"]
         for i, p in enumerate(self.prompts):
             lines.append(f"{i:6d}  {p.num_tokens:6d}  {p.within_gap:10.1%}  {p.top1:5.1%}  {p.prefix:6d}  "
                          f"{p.first_step_max_logit_diff:.4f}")
@@ -98,6 +108,19 @@ def load_reference(source: str | Path, dtype: torch.dtype = torch.float32):
     from quantlab.models import load_model
 
     return load_model(str(source), dtype)[0]
+
+
+def score_prompt(logits: torch.Tensor, tokens: list[int], logprob_gap: float,
+                 first_step_max_logit_diff: float) -> PromptResult:
+    """One prompt's result from the reference's logits [len(tokens), vocab] at the positions that chose
+    ``tokens`` (row i scores tokens[i] given the engine's own prefix)."""
+    rows = logits.float().log_softmax(-1)
+    chosen = rows.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
+    gap = rows.max(-1).values - chosen
+    agree = (rows.argmax(-1) == torch.tensor(tokens)).tolist()
+    prefix = agree.index(False) if False in agree else len(agree)
+    return PromptResult(len(tokens), (gap <= logprob_gap).float().mean().item(), sum(agree) / len(agree), prefix,
+                        first_step_max_logit_diff)
 
 
 def _first_step_logits(engine, prompt: list[int]) -> torch.Tensor:
@@ -134,13 +157,7 @@ def verify_engine_against(engine_dir: str | Path, source: str | Path, num_prompt
         tokens = generated[str(i)]
         with torch.no_grad():
             logits = reference(torch.tensor([p + tokens])).logits[0].float()
-        rows = logits[len(p) - 1: len(p) - 1 + len(tokens)].log_softmax(-1)
-        chosen = rows.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)
-        gap = rows.max(-1).values - chosen
-        agree = (rows.argmax(-1) == torch.tensor(tokens)).tolist()
-        prefix = agree.index(False) if False in agree else len(agree)
         ref_first = logits[len(p) - 1]  # causal: the same as scoring the prompt alone
-        results.append(PromptResult(len(tokens), (gap <= logprob_gap).float().mean().item(),
-                                    sum(agree) / len(agree), prefix,
+        results.append(score_prompt(logits[len(p) - 1: len(p) - 1 + len(tokens)], tokens, logprob_gap,
                                     (first[i][: ref_first.shape[0]] - ref_first).abs().max().item()))
     return VerifyResult(tuple(results), logprob_gap)

@@ -135,7 +135,8 @@ def verify(
     max_tokens: Annotated[int, typer.Option(help="Greedy tokens per prompt.")] = 24,
     threshold: Annotated[float | None, typer.Option(help="Least fraction of tokens within the gap (default: see docs/engine.md).")] = None,
     logprob_gap: Annotated[float | None, typer.Option(help="Largest log-probability gap to the reference's argmax.")] = None,
-    reference_dtype: Annotated[str, typer.Option(help="Dtype the reference computes in: float32, bfloat16 or float16.")] = "float32",
+    reference_dtype: Annotated[str | None, typer.Option(help="Dtype the reference computes in: float32, bfloat16 or float16 (default float32 in sequence order, the engine's dtype in engine order).")] = None,
+    reference_order: Annotated[str, typer.Option(help="sequence (one forward per whole sequence), engine (batched prefill, then one token per step, rounded as the engine rounds; CPU engines of Llama checkpoints) or auto (engine for 4-bit activations, else sequence).")] = "auto",
 ) -> None:
     """Teacher-forced check that the engine's greedy tokens are ones the reference model would pick.
 
@@ -144,13 +145,21 @@ def verify(
     import torch
 
     from .engine.verify import DEFAULT_GAP, DEFAULT_THRESHOLD, verify_engine_against
+    from .engine.verify_order import choose_order, verify_in_engine_order
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if reference_dtype not in dtypes:
+    if reference_dtype is not None and reference_dtype not in dtypes:
         raise QuantlabError(f"--reference-dtype must be one of {', '.join(dtypes)} (got {reference_dtype!r})")
-    result = verify_engine_against(engine, against, num_prompts=num_prompts, max_tokens=max_tokens,
-                                   logprob_gap=DEFAULT_GAP if logprob_gap is None else logprob_gap,
-                                   reference_dtype=dtypes[reference_dtype])
+    order, note = choose_order(reference_order, engine, against)
+    if note:
+        typer.echo(note)
+    gap = DEFAULT_GAP if logprob_gap is None else logprob_gap
+    if order == "engine":
+        result = verify_in_engine_order(engine, against, num_prompts=num_prompts, max_tokens=max_tokens,
+                                        logprob_gap=gap, reference_dtype=dtypes.get(reference_dtype))
+    else:
+        result = verify_engine_against(engine, against, num_prompts=num_prompts, max_tokens=max_tokens,
+                                       logprob_gap=gap, reference_dtype=dtypes.get(reference_dtype, torch.float32))
     typer.echo(result.summary())
     limit = DEFAULT_THRESHOLD if threshold is None else threshold
     passed = result.within_gap >= limit

@@ -1,5 +1,5 @@
 """The engine commands end to end: build -> generate (signed and checked), keygen, and verify's exit codes
-(0 against the engine's own source, 3 against another model)."""
+(0 against the engine's own source, 3 against another model, 2 for a reference order it cannot compute)."""
 
 from __future__ import annotations
 
@@ -49,9 +49,17 @@ def test_bad_build_flag_is_one_sentence(tiny_model, tmp_path):
 def test_verify_passes_against_own_source_and_fails_against_another(signed, tiny_model, tmp_path):
     own = invoke("verify", signed / "eng", "--against", tiny_model[0], "--num-prompts", "4", "--max-tokens", "8")
     assert own.exit_code == 0 and "PASS: 100.0%" in own.output, own.output
+    assert "reference order: sequence" in own.output  # auto: an unquantized source has no 4-bit activations
     save_tiny(tmp_path / "other", seed=7)
     other = invoke("verify", signed / "eng", "--against", tmp_path / "other", "--num-prompts", "4", "--max-tokens", "8")
     assert other.exit_code == 3 and "FAIL" in other.output, other.output
+
+
+def test_verify_refuses_engine_order_it_cannot_compute_in_one_sentence(signed, tiny_model):
+    result = invoke("verify", signed / "eng", "--against", tiny_model[0], "--reference-order", "engine")
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: --reference-order engine cannot be used here:")
+    assert "is not a quantlab checkpoint" in result.output
 
 
 @pytest.fixture
