@@ -176,3 +176,22 @@ def test_engine_is_freed_before_the_hf_baseline_loads(engine_dir, monkeypatch):
     run_bench(BenchConfig("offline", str(engine_dir), Workload(8, 4), concurrency=(2,), num_requests=(4,),
                           baseline="hf", progress=False))
     assert alive == [[False]]
+
+
+def test_warm_up_runs_other_prompts_before_the_sweep(engine_dir, monkeypatch):
+    # The first Triton call compiles; an untimed warm-up keeps that out of the first point's TTFT, and uses
+    # other prompts so the prefix cache gives the timed requests nothing.
+    from quantlab.engine import bench
+
+    calls = []
+    real = bench.run_offline
+
+    async def recording(llm, reqs, *args):
+        calls.append(reqs)
+        return await real(llm, reqs, *args)
+
+    monkeypatch.setattr(bench, "run_offline", recording)
+    run_bench(BenchConfig("offline", str(engine_dir), Workload(8, 6), concurrency=(2,), num_requests=(3,), progress=False))
+    warm, timed = calls
+    assert len(warm) == 2 and all(r.output_len <= 4 for r in warm) and len(timed) == 3
+    assert not {tuple(r.prompt_token_ids) for r in warm} & {tuple(r.prompt_token_ids) for r in timed}
