@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class _Request:
     seq: Sequence
     prompt: str | None
+    prompt_token_ids: list[int]  # one list for every output: slicing the sequence's costs O(prompt) a token
     detokenizer: Detokenizer
     metrics: RequestMetrics
     logprobs: list[dict[int, float]] | None
@@ -78,7 +79,7 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         seq = Sequence(request_id, ids, params, priority)
         self.scheduler.add(seq)
-        self.requests[request_id] = _Request(seq, text, Detokenizer(self.tokenizer, ids, params.stop),
+        self.requests[request_id] = _Request(seq, text, ids, Detokenizer(self.tokenizer, ids, params.stop),
                                              RequestMetrics(seq.arrival_time),
                                              [] if params.logprobs is not None else None)
 
@@ -145,7 +146,7 @@ class LLMEngine:
                                       None if req.logprobs is None else list(req.logprobs))
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.monotonic()
-        return RequestOutput(seq.request_id, req.prompt, seq.prompt_token_ids, [completion], finished, req.metrics)
+        return RequestOutput(seq.request_id, req.prompt, req.prompt_token_ids, [completion], finished, req.metrics)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
