@@ -1,5 +1,6 @@
-"""Host time of an engine step: the scheduler, block manager, sampler bookkeeping, detokenizer and outputs,
-with the model's forward replaced by a stub that returns zero logits at once, so only Python work is timed.
+"""Host time of an engine step: the scheduler, block manager, the step's input tensors, sampler bookkeeping,
+detokenizer and outputs, with the model's forward replaced by a stub that prepares the inputs and returns
+zero logits, so only host work is timed.
 
 At batch 256 a decode step on the H200 took ~55 ms against ~20 ms of device work (docs/performance.md); this
 measures, on any machine, how much of a step the host side costs as the batch grows.
@@ -36,6 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     def stub_forward(self, chunks):
+        self._prepare(chunks)  # the step's input tensors from Python lists: host work too
         return torch.zeros(sum(1 for c in chunks if c.samples), args.vocab)
 
     ModelRunner.forward = stub_forward
