@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=200)
     ap.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--through-async", action="store_true",
+                    help="feed the requests through AsyncLLM and quantlab bench's offline clients (one process, "
+                         "as `quantlab bench` runs) and time every step, prefill included")
     args = ap.parse_args()
 
     def stub_forward(self, chunks):
@@ -57,6 +60,8 @@ def main() -> None:
     llm_module.sample = timed_sample
     # A KV pool that holds the whole batch (the stub never touches it; only the block manager counts).
     engine = LLMEngine(args.engine_dir, cpu_kv_cache_mib=1024)
+    if args.through_async:
+        return _through_async(engine, args, sampled)
     rng = random.Random(0)
     for i in range(args.batch):
         engine.add_request(str(i), [rng.randrange(3, args.vocab) for _ in range(args.input_len)],
@@ -81,6 +86,35 @@ def main() -> None:
           f"({'profiled, so slower' if profile else 'unprofiled'})")
     if profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+def _through_async(engine, args, sampled) -> None:
+    """Every step of the same workload driven by AsyncLLM's step thread and the bench's asyncio clients."""
+    import asyncio
+
+    from quantlab.engine.async_llm import AsyncLLM
+    from quantlab.engine.bench_drivers import run_offline
+    from quantlab.engine.bench_workload import BenchRequest
+
+    steps = [0]
+    real_step = engine.step
+
+    def counted_step():
+        steps[0] += 1
+        return real_step()
+
+    engine.step = counted_step
+    rng = random.Random(0)
+    reqs = [BenchRequest([rng.randrange(3, args.vocab) for _ in range(args.input_len)], args.output_len)
+            for _ in range(args.batch)]
+    llm = AsyncLLM(engine)
+    start = time.perf_counter()
+    asyncio.run(run_offline(llm, reqs, args.batch, 0, False))
+    seconds = time.perf_counter() - start
+    asyncio.run(llm.shutdown())
+    print(f"{steps[0]} steps (prefill included) at batch {args.batch} through AsyncLLM and the bench clients: "
+          f"{(seconds - sampled[0]) / steps[0] * 1e3:.2f} ms of host time per step, plus "
+          f"{sampled[0] / steps[0] * 1e3:.2f} ms of sampler tensor math")
 
 
 if __name__ == "__main__":
