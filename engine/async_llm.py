@@ -130,12 +130,16 @@ class AsyncLLM:
         loop, stream = target
         loop.call_soon_threadsafe(stream.put_nowait, item)
 
-    def _drain_inbox(self) -> None:
+    def _inbox_items(self):
+        """What the inbox holds now, taken one item at a time until it is empty."""
         while True:
             try:
-                item = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for item in self._inbox_items():
             if item[0] == "abort":
                 out = self.engine.abort(item[1])
                 if out is not None:
@@ -176,11 +180,7 @@ class AsyncLLM:
         event loop has closed cannot be told and must not stop the others from being told."""
         targets = [(loop, stream.put_nowait) for loop, stream in self._streams.values()]
         self._streams.clear()
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for item in self._inbox_items():
             if item[0] == "add":
                 targets.append((item[5], item[7].set_exception))
         for loop, tell in targets:
