@@ -256,8 +256,12 @@ def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 6
     choice = {}
     for m in ms:
         x = torch.randn(m, k, device=tensors["qweight"].device, dtype=dtype)
+        candidates = candidate_configs(m, n, k)
+        if len(candidates) == 1:  # nothing to choose between
+            choice[str(m_bucket(m))] = asdict(candidates[0])
+            continue
         timed = []
-        for cfg in candidate_configs(m, n, k):
+        for cfg in candidates:
             try:
                 t = graph_time_ms([lambda c=c: w4a16_matmul(x, fmt, group, c, cfg) for c in copies])
             except (triton.runtime.errors.OutOfResources, RuntimeError):

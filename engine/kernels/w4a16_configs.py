@@ -37,23 +37,21 @@ def heuristic_config(m: int, n: int, k: int, sms: int = 132) -> Config:
 
 
 def candidate_configs(m: int, n: int, k: int) -> list[Config]:
-    """What ``tune`` times for an M bucket (the heuristic's choice is always among them)."""
+    """What ``tune`` times for an M bucket (the heuristic's choice is always among them).
+
+    Pruned by what won on the H200 (bench/results/kernels_h200*.json, 2026-12-02, six Llama-3-8B/70B
+    shapes): at M = 1 the GEMV form always beat the tensor-core form, and from M = 64 on (run 3, with the
+    split-K tiles among the candidates) dequantize-then-cuBLAS always beat every tiled form, so those
+    losers are no longer compiled and timed at build time.
+    """
     base = heuristic_config(m, n, k)
-    if m <= 16:  # the split is a run-time argument: 2 compilations cover these 8, plus the GEMV forms
+    if m == 1:  # the GEMV form, in tiles that compile without spills (sm_90 SASS read offline)
+        out = [Config("triton", 1, bn, 256, sp, 4, 3) for bn in (64, 32) for sp in (1, 2, 4, 8)]
+    elif m <= 16:  # the split is a run-time argument: 2 compilations cover these 8
         out = [Config("triton", 16, bn, 256, sp, 4, 4) for bn in (64, 128) for sp in (1, 2, 4, 8)]
-        if m == 1:  # the GEMV form, in tiles that compile without spills (sm_90 SASS read offline)
-            out += [Config("triton", 1, bn, 256, sp, 4, 3) for bn in (64, 32) for sp in (1, 2, 4, 8)]
-    elif m <= 256:
-        # The H200 run of 2026-12-02 timed only the first three (split 1): 32 to 64 CTAs for 4K-wide
-        # layers, 0.1-0.4x BF16. Split-K tiles and the dequantize-then-cuBLAS path were added after it,
-        # from that run's M = 1024 figures (dequantizing costs about one weight pass); not yet timed.
-        out = [Config("triton", bm, bn, bk, sp, w, st) for bm, bn, bk, sp, w, st in (
-            (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (32, 64, 128, 4, 4, 4),
-            (64, 64, 128, 4, 4, 4), (64, 64, 128, 8, 4, 4))]
-        out.append(Config("dequant"))
     else:
-        out = [Config("triton", 128, 128, 128, 1, 8, 3), Config("dequant")]
-    return [base] + [c for c in out if c != base]
+        out = [Config("dequant")]
+    return out + [base] if base not in out else out
 
 
 def config_for(configs: dict | None, m: int, n: int, k: int) -> Config:
