@@ -187,13 +187,15 @@ def build(source: Path, output: Path, device: str, skip_gates: bool, dtype: str 
             "unfused_projections": len(c.fusion)}
 
 
-def verify(engine: Path, against: Path, args, reference_dtype: str = "float32") -> dict:
-    """``quantlab verify ENGINE --against CHECKPOINT`` at the default gap and threshold."""
-    from quantlab.engine.verify import DEFAULT_THRESHOLD, verify_engine_against
+def verify(engine: Path, against: Path, args, reference_dtype: str | None = None) -> dict:
+    """``quantlab verify ENGINE --against CHECKPOINT`` at the default gap, threshold and reference order."""
+    from quantlab.engine.verify import DEFAULT_THRESHOLD
+    from quantlab.engine.verify_order import verify as run_verify
 
-    r = verify_engine_against(engine, against, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-                              reference_dtype=getattr(torch, reference_dtype))
+    r, _ = run_verify(engine, against, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+                      reference_dtype=getattr(torch, reference_dtype) if reference_dtype else None)
     return {"engine": str(engine), "against": str(against), "reference_dtype": reference_dtype,
+            "reference_order": r.reference_order,
             "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "logprob_gap": r.logprob_gap,
             "within_gap": r.within_gap, "top1": r.top1, "prefix_agreement": r.prefix_agreement,
             "first_step_max_abs_dlogit": r.max_first_step_logit_diff, "threshold": DEFAULT_THRESHOLD,

@@ -141,7 +141,7 @@ def _run_points(cfg: BenchConfig, facts: dict, reqs) -> list[dict]:
     """Every sweep point through one engine (and server), all stopped on return: a function of its own so
     that no reference to the engine outlives it and the HF baseline gets the GPU memory back."""
     points = []
-    with _engine_and_server(cfg) as (llm, url, model, num_blocks):
+    with _engine_and_server(cfg, facts) as (llm, url, model, num_blocks):
         facts["num_kv_blocks"] = num_blocks
         for c, rate, n in _sweep(cfg):
             label = (f"c={c or 'all'}" if rate is None else f"rate={rate:g}/s") + ("" if rate is None or c is None else f" c={c}")
@@ -154,7 +154,7 @@ def _run_points(cfg: BenchConfig, facts: dict, reqs) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _engine_and_server(cfg: BenchConfig):
+def _engine_and_server(cfg: BenchConfig, facts: dict):
     """(AsyncLLM or None, server URL or None, model name, KV blocks or None if unknown) for the run;
     everything started here is stopped afterwards."""
     if cfg.url is not None:
@@ -171,7 +171,7 @@ def _engine_and_server(cfg: BenchConfig):
     llm = AsyncLLM.from_engine_dir(cfg.engine_dir)
     num_blocks = llm.stats().num_blocks_total
     try:
-        _warm_up(llm, cfg)
+        _warm_up(llm, cfg, facts)
         if cfg.mode == "offline":
             yield llm, None, llm.model_name, num_blocks
         else:
@@ -184,14 +184,13 @@ def _engine_and_server(cfg: BenchConfig):
         asyncio.run(llm.shutdown())
 
 
-def _warm_up(llm, cfg: BenchConfig) -> None:
+def _warm_up(llm, cfg: BenchConfig, facts: dict) -> None:
     """A few untimed requests before the first sweep point: the first call of each Triton kernel compiles
     it (on the H200 the first point's TTFT p50 was 2.9 s at 16 concurrent), which is load cost, not serving."""
     from dataclasses import replace
 
     from quantlab.engine.bench_workload import BenchRequest
 
-    facts = _engine_facts(cfg.engine_dir)
     # Other prompts than the timed ones (another seed), so the prefix cache gives the sweep nothing for free.
     other = replace(cfg.workload, seed=cfg.workload.seed + 1)
     reqs = [BenchRequest(r.prompt_token_ids, min(r.output_len, 4))

@@ -1,8 +1,9 @@
 """Pinning an engine: the manifest of file digests, its optional Ed25519 signature, and the target check.
 
 ``manifest.json`` lists the SHA-256 of every file of the engine directory (itself and ``manifest.sig``
-aside); files are hashed concurrently, which is what keeps the check of a large engine short. ``manifest.sig`` is the Ed25519 signature of manifest.json's exact bytes, so one signature covers
-every file. Loading refuses, in one sentence that ends in "rebuild", an engine whose files changed, went
+aside); files are hashed concurrently, which is what keeps the check of a large engine short.
+``manifest.sig`` is the Ed25519 signature of manifest.json's exact bytes, so one signature covers every
+file. Loading refuses, in one sentence that ends in "rebuild", an engine whose files changed, went
 missing or were added, or that was built for another device, compute capability or major torch/triton
 version: its packed layouts and captured kernels were chosen for that target.
 """

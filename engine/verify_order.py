@@ -183,3 +183,18 @@ def verify_in_engine_order(engine_dir: str | Path, source: str | Path, num_promp
     results = tuple(score_prompt(want[i], tokens[i].tolist(), logprob_gap,
                                  (got[i, 0, :vocab] - want[i, 0]).abs().max().item()) for i in range(len(prompts)))
     return VerifyResult(results, logprob_gap, "engine")
+
+
+def verify(engine_dir: str | Path, source: str | Path, reference_order: str = "auto", num_prompts: int = 16,
+           max_tokens: int = 24, logprob_gap: float = DEFAULT_GAP,
+           reference_dtype: torch.dtype | None = None) -> tuple[VerifyResult, str | None]:
+    """``quantlab verify``: (result, a one-line note or None) with the reference order ``choose_order`` picks.
+    ``reference_dtype`` defaults to float32 in sequence order and to the engine's dtype in engine order."""
+    from .verify import verify_engine_against
+
+    order, note = choose_order(reference_order, engine_dir, source)
+    if order == "engine":
+        return verify_in_engine_order(engine_dir, source, num_prompts=num_prompts, max_tokens=max_tokens,
+                                      logprob_gap=logprob_gap, reference_dtype=reference_dtype), note
+    return verify_engine_against(engine_dir, source, num_prompts=num_prompts, max_tokens=max_tokens,
+                                 logprob_gap=logprob_gap, reference_dtype=reference_dtype or torch.float32), note

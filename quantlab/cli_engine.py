@@ -144,22 +144,17 @@ def verify(
     """
     import torch
 
-    from .engine.verify import DEFAULT_GAP, DEFAULT_THRESHOLD, verify_engine_against
-    from .engine.verify_order import choose_order, verify_in_engine_order
+    from .engine.verify import DEFAULT_GAP, DEFAULT_THRESHOLD
+    from .engine.verify_order import verify as run_verify
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if reference_dtype is not None and reference_dtype not in dtypes:
         raise QuantlabError(f"--reference-dtype must be one of {', '.join(dtypes)} (got {reference_dtype!r})")
-    order, note = choose_order(reference_order, engine, against)
+    result, note = run_verify(engine, against, reference_order, num_prompts=num_prompts, max_tokens=max_tokens,
+                              logprob_gap=DEFAULT_GAP if logprob_gap is None else logprob_gap,
+                              reference_dtype=dtypes.get(reference_dtype))
     if note:
         typer.echo(note)
-    gap = DEFAULT_GAP if logprob_gap is None else logprob_gap
-    if order == "engine":
-        result = verify_in_engine_order(engine, against, num_prompts=num_prompts, max_tokens=max_tokens,
-                                        logprob_gap=gap, reference_dtype=dtypes.get(reference_dtype))
-    else:
-        result = verify_engine_against(engine, against, num_prompts=num_prompts, max_tokens=max_tokens,
-                                       logprob_gap=gap, reference_dtype=dtypes.get(reference_dtype, torch.float32))
     typer.echo(result.summary())
     limit = DEFAULT_THRESHOLD if threshold is None else threshold
     passed = result.within_gap >= limit
