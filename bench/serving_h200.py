@@ -13,6 +13,8 @@ a stage whose output exists is skipped):
     offline:NAME:SHAPE[:C/C..]   `quantlab bench` offline at concurrencies C (default 1/16/64/256), SHAPE
                                  = INxOUT; bf16 at 512x128 adds the HF baseline (--baseline hf)
     online:NAME                  `quantlab bench` online, Poisson rates 1/4/16/64/inf at 512x128
+    profile:NAME[:B[:CTX[:eager]]]  bench/profile_step.py: where a decode step of B sequences (default 256)
+                                 of CTX prompt tokens (default 1500) spends its time (host phases, GPU kernels)
     rm:DIR                       delete WORKDIR/DIR (the disk holds 64 GiB)
 
     python bench/serving_h200.py --out bench/results/serving_h200 --budget-s 540 --plan source,build:bf16,...
@@ -89,6 +91,13 @@ def stage_command(stage: str, work: Path, out: Path, device: str) -> list[str] |
                      # ~16 s of arrivals at the low rates, 256 requests at once at the end
                      "--num-requests", "16,64,256,256,256", "--request-rate", "1,4,16,64,inf", "--output",
                      str(out / f"online-{name}-512x128"), "--overwrite", "--quiet"]
+    if kind == "profile":
+        name, *rest = args
+        batch, ctx, *eager = rest + ["256", "1500"][len(rest):]
+        tag = f"{name}-{batch}x{ctx}" + ("-eager" if eager else "")
+        return [sys.executable, str(Path(__file__).parent / "profile_step.py"), str(work / f"eng-{name}"), "--batch", batch,
+                "--context", ctx, "--out", str(out / f"profile-{tag}.json"), "--trace", str(out / f"trace-{tag}.json.gz")] + \
+            (["--eager"] if eager else [])
     raise SystemExit(f"unknown stage {stage!r} (see the module docstring)")
 
 
