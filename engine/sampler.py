@@ -64,8 +64,13 @@ class SamplingTensors:
         """Gather the batch's SamplingParams; the draw's position is each sequence's current length."""
         params = [s.params for s in seqs]
 
+        cuda = torch.device(device).type == "cuda"
+
         def row(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            # From pinned memory the copy is asynchronous; from pageable memory CUDA documents it as possibly
+            # synchronous with the host, which would hold the sampler's launch behind the step's forward.
+            t = torch.tensor(values, dtype=dtype)
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t
 
         seeds = [p.seed if p.seed is not None else _entropy.getrandbits(64) for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
