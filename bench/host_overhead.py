@@ -59,7 +59,7 @@ def main() -> None:
 
     llm_module.sample = timed_sample
     # A KV pool that holds the whole batch (the stub never touches it; only the block manager counts).
-    engine = LLMEngine(args.engine_dir, cpu_kv_cache_mib=1024)
+    engine = LLMEngine(args.engine_dir, kv_cache_mib=1024)
     if args.through_async:
         return _through_async(engine, args, sampled)
     rng = random.Random(0)

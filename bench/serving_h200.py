@@ -12,6 +12,8 @@ a stage whose output exists is skipped):
     decode:NAME                  batch-1 decode tok/s against the bandwidth limit of the same run
     offline:NAME:SHAPE[:C/C..]   `quantlab bench` offline at concurrencies C (default 1/16/64/256), SHAPE
                                  = INxOUT; bf16 at 512x128 adds the HF baseline (--baseline hf)
+    kvbudget:NAME:MIB            `quantlab bench` offline at 2048x256, 128 requests, up to 128 at once, with the KV
+                                 pool fixed at MIB (--kv-cache-mib): bf16 against bf16kv8 holds twice the sequences
     online:NAME                  `quantlab bench` online, Poisson rates 1/4/16/64/inf at 512x128
     profile:NAME[:B[:CTX[:eager]]]  bench/profile_step.py: where a decode step of B sequences (default 256)
                                  of CTX prompt tokens (default 1500) spends its time (host phases, GPU kernels)
@@ -85,6 +87,11 @@ def stage_command(stage: str, work: Path, out: Path, device: str) -> list[str] |
         if name == "bf16" and shape == "512x128":
             cmd += ["--baseline", "hf", "--hf-model", str(work / "src")]
         return cmd
+    if kind == "kvbudget":
+        name, mib = args
+        return QL + ["bench", str(work / f"eng-{name}"), "--mode", "offline", "--input-len", "2048", "--output-len", "256",
+                     "--concurrency", "128", "--num-requests", "128", "--kv-cache-mib", mib,
+                     "--output", str(out / f"kvbudget-{name}-{mib}MiB"), "--overwrite", "--quiet"]
     if kind == "online":
         (name,) = args
         return QL + ["bench", str(work / f"eng-{name}"), "--mode", "online", "--input-len", "512", "--output-len", "128",

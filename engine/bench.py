@@ -21,7 +21,7 @@ import datetime
 import platform
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from quantlab.atomic import atomic_directory, check_output
 from quantlab.engine.bench_drivers import run_offline, run_online
@@ -48,6 +48,7 @@ class BenchConfig:
         baseline: None or "hf".
         hf_model: the transformers model for the baseline (default: the engine's source model).
         output: result directory (None = print only).
+        engine_options: ``RuntimeOptions`` overrides for the engine this run loads (not with ``url``).
     """
 
     mode: str
@@ -62,6 +63,7 @@ class BenchConfig:
     output: str | None = None
     overwrite: bool = False
     progress: bool = True
+    engine_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -83,6 +85,9 @@ class BenchConfig:
                              "count per sweep point, or one count for all of them")
         if self.url is not None and self.mode != "online":
             raise BenchError("--url is an online setting")
+        if self.url is not None and self.engine_options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in self.engine_options)
+            raise BenchError(f"{flags} set the engine this command loads; the server at --url runs with its own settings")
         if self.baseline not in (None, "hf"):
             raise BenchError(f"--baseline must be hf (got {self.baseline!r})")
 
@@ -168,7 +173,7 @@ def _engine_and_server(cfg: BenchConfig, facts: dict):
         return
     from quantlab.engine.async_llm import AsyncLLM
 
-    llm = AsyncLLM.from_engine_dir(cfg.engine_dir)
+    llm = AsyncLLM.from_engine_dir(cfg.engine_dir, **cfg.engine_options)
     num_blocks = llm.stats().num_blocks_total
     try:
         _warm_up(llm, cfg, facts)

@@ -132,9 +132,11 @@ class RuntimeOptions:
     Attributes:
         kv_cache_memory_fraction: share of the GPU memory left after weights and the activation peak that
             the KV pool takes.
-        cpu_kv_cache_mib: KV pool size on the CPU, where there is no free-memory query worth trusting;
-            None: 64 MiB, raised to what one sequence of ``max_seq_len`` tokens needs (so a default load
-            never fails for want of room, e.g. a float32 engine's KV at max_seq_len 2048).
+        kv_cache_mib: a fixed KV pool size on any device, in place of the fraction (to compare KV dtypes at
+            one memory budget, or to leave room for another process); on CUDA it must fit in the memory left
+            after the weights and the activation peak. None: the fraction on CUDA; on the CPU, where there is
+            no free-memory query worth trusting, 64 MiB raised to what one sequence of ``max_seq_len`` tokens
+            needs (so a default load never fails for want of room, e.g. a float32 engine's KV at 2048).
         enforce_eager: skip CUDA-graph capture (debugging; slower decode).
         policy: scheduler admission policy (``POLICIES``).
         enable_prefix_caching: reuse full KV blocks of identical prefixes.
@@ -142,7 +144,7 @@ class RuntimeOptions:
     """
 
     kv_cache_memory_fraction: float = 0.9
-    cpu_kv_cache_mib: float | None = None
+    kv_cache_mib: float | None = None
     enforce_eager: bool = False
     policy: str = "guaranteed_no_evict"
     enable_prefix_caching: bool = True
@@ -152,8 +154,8 @@ class RuntimeOptions:
     def __post_init__(self):
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise EngineError(f"kv_cache_memory_fraction must be in (0, 1] (got {self.kv_cache_memory_fraction})")
-        if self.cpu_kv_cache_mib is not None and self.cpu_kv_cache_mib <= 0:
-            raise EngineError(f"cpu_kv_cache_mib must be positive (got {self.cpu_kv_cache_mib})")
+        if self.kv_cache_mib is not None and not self.kv_cache_mib > 0:
+            raise EngineError(f"kv_cache_mib must be positive (got {self.kv_cache_mib})")
         if self.policy not in POLICIES:
             raise EngineError(f"policy must be one of {', '.join(POLICIES)} (got {self.policy!r})")
 

@@ -26,7 +26,7 @@ from .weights import load_weights
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# The CPU's default KV pool (RuntimeOptions.cpu_kv_cache_mib=None), before it is raised to hold one full sequence.
+# The CPU's default KV pool (RuntimeOptions.kv_cache_mib=None), before it is raised to hold one full sequence.
 _CPU_KV_DEFAULT_BYTES = 64 << 20
 
 
@@ -96,11 +96,12 @@ class ModelRunner:
                  torch.zeros(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(m.num_layers)]
 
     def _num_blocks(self) -> int:
-        """Blocks for the pool: every sequence at full length at most; on CUDA a share of the free memory
-        after the weights and the activation peak of a dummy forward of ``max_num_tokens`` tokens."""
+        """Blocks for the pool: every sequence at full length at most; ``kv_cache_mib`` if set, else on CUDA a
+        share of the free memory after the weights and the activation peak of a dummy forward of
+        ``max_num_tokens`` tokens."""
         most = self.limits.max_batch_size * self.max_blocks
+        mib = self.options.kv_cache_mib
         if self.device.type == "cpu":
-            mib = self.options.cpu_kv_cache_mib
             budget = (max(_CPU_KV_DEFAULT_BYTES, self.max_blocks * self.block_bytes) if mib is None
                       else int(mib * (1 << 20)))
         else:
@@ -111,8 +112,11 @@ class ModelRunner:
             self._dummy_forward()
             peak = torch.cuda.max_memory_allocated() - base
             torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info()[0]
-            budget = int(self.options.kv_cache_memory_fraction * (free - peak))
+            room = torch.cuda.mem_get_info()[0] - peak
+            budget = int(self.options.kv_cache_memory_fraction * room) if mib is None else int(mib * (1 << 20))
+            if budget > room:
+                raise EngineError(f"kv_cache_mib {mib:g} does not fit: {room >> 20} MiB are free after the weights "
+                                  "and the activation peak")
         blocks = min(most, budget // self.block_bytes)
         if blocks < self.max_blocks:
             raise EngineError(f"the KV-cache budget ({budget >> 20} MiB) holds {blocks} blocks, fewer than one "

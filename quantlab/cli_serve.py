@@ -28,6 +28,24 @@ def _levels(text: str | None) -> tuple[int | None, ...]:
                  for c in (text or "all").split(",") if c.strip())
 
 
+# The engine's run-time settings (engine.config.RuntimeOptions, no rebuild needed), shared by serve and bench.
+KvFraction = Annotated[float | None, typer.Option(help="Share of the GPU memory left after weights and activations that the KV pool takes (default 0.9).")]
+KvMib = Annotated[float | None, typer.Option(help="A fixed KV pool size in MiB instead of that share (e.g. BF16 against FP8 KV at one budget).")]
+MaxBatch = Annotated[int | None, typer.Option(help="Fewer sequences per step than the engine's baked max_batch_size.")]
+MaxTokens = Annotated[int | None, typer.Option(help="Fewer tokens per step (the chunked-prefill budget) than the baked max_num_tokens.")]
+Policy = Annotated[str | None, typer.Option(help="Admission: guaranteed_no_evict (default) or max_utilization (preempts under pressure).")]
+PrefixCaching = Annotated[bool, typer.Option(help="Reuse the KV blocks of identical prompt prefixes.")]
+Eager = Annotated[bool, typer.Option(help="Decode without CUDA graphs (debugging; slower).")]
+
+
+def _runtime(kv_fraction, kv_mib, max_batch_size, max_num_tokens, policy, prefix_caching, eager) -> dict:
+    """The RuntimeOptions fields the command line changes from the engine's defaults."""
+    given = {"kv_cache_memory_fraction": kv_fraction, "kv_cache_mib": kv_mib, "max_batch_size": max_batch_size,
+             "max_num_tokens": max_num_tokens, "policy": policy,
+             "enable_prefix_caching": None if prefix_caching else False, "enforce_eager": True if eager else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @app.command()
 @_user_errors
 def serve(
@@ -38,6 +56,13 @@ def serve(
     request_timeout: Annotated[float | None, typer.Option(help="Seconds a request may take before it gets 408.")] = None,
     grace_period: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests.")] = 30.0,
     served_model_name: Annotated[str | None, typer.Option(help="Model name in the API (default: the engine dir's name).")] = None,
+    kv_cache_memory_fraction: KvFraction = None,
+    kv_cache_mib: KvMib = None,
+    max_batch_size: MaxBatch = None,
+    max_num_tokens: MaxTokens = None,
+    policy: Policy = None,
+    enable_prefix_caching: PrefixCaching = True,
+    enforce_eager: Eager = False,
 ) -> None:
     """Serve an engine over an OpenAI-compatible HTTP API until SIGTERM (then drain and exit 0)."""
     from .engine.async_llm import AsyncLLM
@@ -46,7 +71,9 @@ def serve(
 
     settings = ServerSettings(host=host, port=port, max_queue=max_queue, request_timeout=request_timeout,
                               grace_period=grace_period, model_name=served_model_name)
-    run_server(AsyncLLM.from_engine_dir(engine_dir), settings)
+    options = _runtime(kv_cache_memory_fraction, kv_cache_mib, max_batch_size, max_num_tokens, policy,
+                       enable_prefix_caching, enforce_eager)
+    run_server(AsyncLLM.from_engine_dir(engine_dir, **options), settings)
 
 
 @app.command()
@@ -67,6 +94,13 @@ def bench(
     output: Annotated[str | None, typer.Option(help="Directory for results.json, table.txt and the plot.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    kv_cache_memory_fraction: KvFraction = None,
+    kv_cache_mib: KvMib = None,
+    max_batch_size: MaxBatch = None,
+    max_num_tokens: MaxTokens = None,
+    policy: Policy = None,
+    enable_prefix_caching: PrefixCaching = True,
+    enforce_eager: Eager = False,
 ) -> None:
     """Measure an engine: offline throughput or online latency/throughput sweeps, optionally against HF."""
     from .engine.bench import BenchConfig, run_bench
@@ -77,7 +111,9 @@ def bench(
                       workload=Workload(input_len, output_len, range_ratio, seed),
                       num_requests=_list(num_requests, int, "--num-requests"),
                       request_rates=_list(request_rate, float, "--request-rate"), baseline=baseline,
-                      hf_model=hf_model, output=output, overwrite=overwrite, progress=not quiet)
+                      hf_model=hf_model, output=output, overwrite=overwrite, progress=not quiet,
+                      engine_options=_runtime(kv_cache_memory_fraction, kv_cache_mib, max_batch_size, max_num_tokens,
+                                              policy, enable_prefix_caching, enforce_eager))
     report = run_bench(cfg)
     typer.echo(f"{mode} bench of {engine_dir} on {report['device']}, {report['date']}: "
                f"{requests_text(cfg.num_requests)}, {input_len} in / {output_len} out")

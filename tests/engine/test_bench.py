@@ -195,3 +195,26 @@ def test_warm_up_runs_other_prompts_before_the_sweep(engine_dir, monkeypatch):
     warm, timed = calls
     assert len(warm) == 2 and all(r.output_len <= 4 for r in warm) and len(timed) == 3
     assert not {tuple(r.prompt_token_ids) for r in warm} & {tuple(r.prompt_token_ids) for r in timed}
+
+
+def test_engine_options_reach_the_engine_the_bench_loads(engine_dir, tmp_path):
+    """--kv-cache-mib fixes the pool (blocks = budget / block bytes), --max-batch-size caps the sequences running
+    at once; both are recorded in the report. A bad value or an option for a server at --url is one sentence."""
+    from quantlab.engine.config import EngineConfig
+
+    cfg = EngineConfig.load(engine_dir)
+    m = cfg.model
+    block_bytes = 2 * m.num_layers * cfg.limits.tokens_per_block * m.num_kv_heads * m.head_dim * 4  # float32 KV
+    r = CliRunner().invoke(app, ["bench", str(engine_dir), "--num-requests", "6", "--input-len", "4", "--output-len", "3",
+                                 "--kv-cache-mib", str(40 * block_bytes / 2**20), "--max-batch-size", "2", "--quiet",
+                                 "--output", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert report["engine"]["num_kv_blocks"] == 40
+    assert report["settings"]["engine_options"] == {"kv_cache_mib": 40 * block_bytes / 2**20, "max_batch_size": 2}
+    assert report["points"][0]["summary"]["running_max"] <= 2
+    bad = CliRunner().invoke(app, ["bench", str(engine_dir), "--policy", "greedy", "--num-requests", "2"])
+    assert bad.exit_code == 2 and "policy must be one of" in bad.output and "Traceback" not in bad.output
+    with pytest.raises(BenchError, match="--kv-cache-mib set the engine this command loads"):
+        BenchConfig(mode="online", engine_dir=str(engine_dir), workload=Workload(4, 3), url="http://127.0.0.1:9",
+                    engine_options={"kv_cache_mib": 8.0})

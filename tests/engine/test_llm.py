@@ -59,7 +59,7 @@ def test_preempted_requests_resume_with_the_same_tokens(tiny_engine):
     want = run_checked(roomy)
     # 40 blocks of 4 tokens (2 KiB each) cannot hold six sequences of up to 70 tokens: max_utilization must
     # preempt.
-    tight = LLMEngine(tiny_engine, policy="max_utilization", cpu_kv_cache_mib=40 * 2048 / 2**20,
+    tight = LLMEngine(tiny_engine, policy="max_utilization", kv_cache_mib=40 * 2048 / 2**20,
                       enable_prefix_caching=False)
     assert tight.block_manager.num_blocks == 40
     for i, p in enumerate(PROMPTS):
@@ -141,4 +141,4 @@ def test_default_cpu_kv_pool_grows_to_one_full_sequence_but_an_explicit_budget_i
     engine = LLMEngine(tiny_engine)
     assert engine.block_manager.num_blocks * engine.block_manager.tokens_per_block >= engine.max_seq_len
     with pytest.raises(EngineError, match="fewer than one sequence of max_seq_len"):
-        LLMEngine(tiny_engine, cpu_kv_cache_mib=1024 / 2**20)
+        LLMEngine(tiny_engine, kv_cache_mib=1024 / 2**20)
