@@ -138,25 +138,32 @@ def check_linear() -> list[dict]:
 
 
 def elementwise_section() -> list[dict]:
-    from quantlab.engine.kernels import activation, norm, rope
+    from quantlab.engine.kernels import activation, norm, rope_kv
     rows = []
     for t in (1, 64, 4096):
         x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
         r = torch.randn_like(x)
         w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
         g = torch.randn(t, 2 * 14336, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(t, 32, 128, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(t, (32 + 2 * 8) * 128, device="cuda", dtype=torch.bfloat16)  # Llama-3-8B's q/k/v heads
         pos = torch.randint(0, 8192, (t,), device="cuda")
         cs = torch.randn(8192, 128, device="cuda")
+        slots = torch.randperm(t + 16, device="cuda")[:t]
+        caches = [torch.zeros(t // 16 + 1, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+
+        def rope_write(fn, k_cache, v_cache):
+            return fn(qkv, 32, 8, pos, cs, k_cache, v_cache, slots)
         err = [rel_err(norm.rms_norm(x, w, 1e-5, r)[0], norm.rms_norm_ref(x, w, 1e-5, r)[0]),
                rel_err(activation.silu_and_mul(g), activation.silu_and_mul_ref(g)),
-               rel_err(rope.apply_rope(q, pos, cs), rope.apply_rope_ref(q, pos, cs))]
-        rows.append({"tokens": t, "rel_err(norm,silu,rope)": err,
+               rel_err(rope_write(rope_kv.rope_write_kv, *caches[:2]), rope_write(rope_kv.rope_write_kv_ref, *caches[2:]))]
+        err.append(all(torch.equal(a, b) for a, b in zip(caches[:2], caches[2:])))
+        rows.append({"tokens": t, "rel_err(norm,silu,rope_kv q), rope_kv cache bit-exact": err,
                      "rms_norm_residual": [gtime([lambda: norm.rms_norm(x, w, 1e-5, r)]),
                                            gtime([lambda: norm.rms_norm_ref(x, w, 1e-5, r)])],
                      "silu_and_mul": [gtime([lambda: activation.silu_and_mul(g)]),
                                       gtime([lambda: activation.silu_and_mul_ref(g)])],
-                     "rope": [gtime([lambda: rope.apply_rope(q, pos, cs)]), gtime([lambda: rope.apply_rope_ref(q, pos, cs)])],
+                     "rope_write_kv": [gtime([lambda: rope_write(rope_kv.rope_write_kv, *caches[:2])]),
+                                       gtime([lambda: rope_write(rope_kv.rope_write_kv_ref, *caches[2:])])],
                      "note": "[triton_ms, torch_eager_ref_ms], CUDA-graph GPU time"})
     return rows
 

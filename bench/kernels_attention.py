@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quantlab.engine.kernels import attention
+from quantlab.engine.kernels import attention, rope_kv
 from quantlab.engine.kernels.attention_decode import paged_decode
 from quantlab.engine.kernels.attention_prefill import paged_prefill
 from quantlab.engine.kernels.timing import copies_for
@@ -54,14 +54,16 @@ def check_attention() -> list[dict]:
                          "rel_err": err, "ok": err < 2e-2})
         kc = torch.zeros(64, PAGE, HKV, D, device="cuda", dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
         caches = [kc.clone() for _ in range(4)]
-        kn, vn = (torch.randn(100, HKV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        qkv = torch.randn(100, (HQ + 2 * HKV) * D, device="cuda", dtype=torch.bfloat16)
+        pos = torch.randint(0, 4096, (100,), device="cuda")
+        cs = torch.randn(4096, D, device="cuda")
         slots = torch.randperm(64 * PAGE, device="cuda")[:100]
         sc = torch.rand(HKV, device="cuda") * 0.01 + 0.001 if fp8 else None
-        attention.write_kv_ref(kn, vn, caches[0], caches[1], slots, sc, sc)
-        attention.write_kv(kn, vn, caches[2], caches[3], slots, sc, sc)
+        rope_kv.rope_write_kv_ref(qkv, HQ, HKV, pos, cs, caches[0], caches[1], slots, sc, sc)
+        rope_kv.rope_write_kv(qkv, HQ, HKV, pos, cs, caches[2], caches[3], slots, sc, sc)
         same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in ((caches[0], caches[2]),
                                                                                       (caches[1], caches[3])))
-        rows.append({"kernel": f"write_kv fp8={fp8} bit-exact", "ok": same})
+        rows.append({"kernel": f"rope_write_kv cache fp8={fp8} bit-exact", "ok": same})
     return rows
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EngineConfig
-from .kernels import activation, attention, linear, norm, rope
+from .kernels import activation, attention, linear, norm, rope_kv
 
 # Fused projections and the parts they are built from, in output order.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -87,12 +87,8 @@ class DecoderLayer:
     def __call__(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMeta, cos_sin: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = norm.rms_norm(h, self.input_norm, self.eps, residual)
-        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                     self.kv_heads * self.head_dim], dim=-1)
-        q = rope.apply_rope(q.unflatten(-1, (self.heads, self.head_dim)), meta.positions, cos_sin)
-        k = rope.apply_rope(k.unflatten(-1, (self.kv_heads, self.head_dim)), meta.positions, cos_sin)
-        v = v.unflatten(-1, (self.kv_heads, self.head_dim))
-        attention.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        q = rope_kv.rope_write_kv(self.qkv(x), self.heads, self.kv_heads, meta.positions, cos_sin, k_cache, v_cache,
+                                  meta.slot_mapping, self.k_scale, self.v_scale)
         o = attention.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
                                       self.softmax_scale, self.k_scale, self.v_scale)
         h = self.o_proj(o.flatten(1))

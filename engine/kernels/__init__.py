@@ -8,8 +8,10 @@ elsewhere. Element numerics are never rewritten here: they come from ``quantlab.
   build-time ``pack`` that lays weights out for its kernel, ``tune`` (build time, on the target GPU) and
   the run-time ``apply``. Kernels: ``w4a16`` (layout in ``w4a16_layout``, launch choices in
   ``w4a16_configs``) and ``w8a8``.
-- ``attention``: the KV-cache write and attention over the paged KV cache; the Triton decode and prefill
+- ``attention``: attention over the paged KV cache and the KV-cache write's reference; the Triton decode and prefill
   kernels are ``attention_decode`` and ``attention_prefill``.
-- ``norm``, ``rope``, ``activation``: RMSNorm (+ residual), rotary embedding, SwiGLU.
+- ``rope_kv``: attention's prologue in one kernel, RoPE on q and k plus the KV-cache write (references:
+  ``rope.apply_rope_ref`` and ``attention.write_kv_ref``).
+- ``norm``, ``activation``: RMSNorm (+ residual), SwiGLU.
 - ``timing``: CUDA-graph GPU timing the tuner and bench/kernels.py share.
 """

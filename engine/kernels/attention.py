@@ -12,8 +12,8 @@ batch has at least one query (the scheduler never schedules zero new tokens), so
 queries as sequences is a decode step and takes the decode kernel. A negative slot in ``slot_mapping``
 (a padded token) is not written.
 
-On CUDA: ``write_kv`` is one Triton kernel (below), decode is ``attention_decode`` (split-K, GQA rows
-together), prefill/chunked prefill is ``attention_prefill``.
+On CUDA: the KV write is fused with RoPE into one Triton kernel (``rope_kv``, using ``fp8_kv_bits`` below),
+decode is ``attention_decode`` (split-K, GQA rows together), prefill/chunked prefill is ``attention_prefill``.
 """
 
 from __future__ import annotations
@@ -100,52 +100,11 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, stride_k, stride_v,
-                     HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
-                     PER_HEAD: tl.constexpr):
-    tok = tl.program_id(0)
-    slot = tl.load(slot_ptr + tok)
-    if slot < 0:
-        return
-    hh = tl.arange(0, BLOCK_H)
-    dd = tl.arange(0, D)
-    mask = (hh < HKV)[:, None]
-    src = hh[:, None] * D + dd[None, :]
-    dst = slot * HKV * D + src
-    k = tl.load(k_ptr + tok * stride_k + src, mask=mask, other=0.0)
-    v = tl.load(v_ptr + tok * stride_v + src, mask=mask, other=0.0)
-    if FP8:  # formats.fp8: clamp(x / scale) (IEEE division) rounded to E4M3, ties to even; stored as bits
-        ks = tl.load(ks_ptr + hh * PER_HEAD, mask=hh < HKV, other=1.0)[:, None]
-        vs = tl.load(vs_ptr + hh * PER_HEAD, mask=hh < HKV, other=1.0)[:, None]
-        k = round_e4m3(tl.minimum(tl.maximum(tl.div_rn(k.to(tl.float32), ks), -448.0), 448.0))
-        v = round_e4m3(tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), vs), -448.0), 448.0))
-        k = k.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        v = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
-
-
-def write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
-    """``write_kv_ref`` in one launch: keys and values of every token, FP8 quantization included."""
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
-    t, hkv, d = k.shape
-    if k.stride(2) != 1 or k.stride(1) != d:
-        k = k.contiguous()
-    if v.stride(2) != 1 or v.stride(1) != d:
-        v = v.contiguous()
-    kc, vc = (k_cache.view(torch.uint8), v_cache.view(torch.uint8)) if fp8 else (k_cache, v_cache)
-    ks = k_scale.float().reshape(-1) if fp8 else k
-    vs = v_scale.float().reshape(-1) if fp8 else v
-    _write_kv_kernel[(t,)](k, v, kc, vc, slot_mapping, ks, vs, k.stride(0), v.stride(0), hkv, d,
-                           triton.next_power_of_2(hkv), fp8, int(fp8 and k_scale.numel() > 1))
-
-
-def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
-    """``write_kv_ref``'s contract; the fused Triton kernel on CUDA."""
-    if k.is_cuda:
-        write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    else:
-        write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+def fp8_kv_bits(x, scale):
+    """E4M3 bits (uint8) of ``x / scale`` (IEEE division) clamped to +-448 and rounded to nearest even, as
+    ``write_kv_ref`` (``formats``' saturating cast) stores FP8 keys and values."""
+    y = round_e4m3(tl.minimum(tl.maximum(tl.div_rn(x.to(tl.float32), scale), -448.0), 448.0))
+    return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, softmax_scale,

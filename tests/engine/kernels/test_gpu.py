@@ -11,7 +11,7 @@ import torch
 
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
-from quantlab.engine.kernels import attention, linear, w4a16, w8a8
+from quantlab.engine.kernels import attention, linear, rope_kv, w4a16, w8a8
 from quantlab.formats.fp8 import cast_saturating
 from quantlab.recipe.schema import ActivationScheme
 
@@ -82,3 +82,22 @@ def test_paged_decode_and_prefill_match_reference(fp8):
         q = torch.randn(int(qsl[-1]), hq, d, device="cuda", dtype=torch.bfloat16)
         want = attention.paged_attention_ref(q, k, v, tables, ctx, qsl, d ** -0.5, ks, vs)
         assert _rel(attention.paged_attention(q, k, v, tables, ctx, qsl, d ** -0.5, ks, vs), want) < 2e-2
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_rope_write_kv_is_bit_identical_to_reference(fp8):
+    """The fused prologue rounds as torch does (no fused multiply-adds): q and the caches equal the reference's."""
+    hq, hkv, d, page = 32, 8, 128, 16
+    qkv = torch.randn(50, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16) * 4
+    pos = torch.randint(0, 4096, (50,), device="cuda")
+    ang = torch.arange(4096, device="cuda").float()[:, None] / (10000 ** (torch.arange(0, d, 2, device="cuda") / d))
+    cs = torch.cat((ang.cos(), ang.sin()), -1)
+    slots = torch.randperm(8 * page, device="cuda")[:50]
+    slots[7] = -1
+    caches = [torch.zeros(8, page, hkv, d, device="cuda").to(torch.float8_e4m3fn if fp8 else torch.bfloat16)
+              for _ in range(4)]
+    sc = torch.rand(hkv, device="cuda") * 0.01 + 0.001 if fp8 else None
+    want = rope_kv.rope_write_kv_ref(qkv, hq, hkv, pos, cs, caches[0], caches[1], slots, sc, sc)
+    got = rope_kv.rope_write_kv(qkv, hq, hkv, pos, cs, caches[2], caches[3], slots, sc, sc)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(caches[:2], caches[2:]))
