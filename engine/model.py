@@ -48,11 +48,17 @@ class Linear:
     def __init__(self, parts: list[tuple[linear.LinearSpec, dict[str, torch.Tensor]]]):
         self.parts = parts
         self.out_features = sum(spec.out_features for spec, _ in parts)
+        # (format, static scale or None) when the single part can take its input already quantized on CUDA.
+        self.input_quantization = linear.input_quantization(*parts[0]) if len(parts) == 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1:
             return linear.apply(x, *self.parts[0])
         return torch.cat([linear.apply(x, spec, t) for spec, t in self.parts], dim=-1)
+
+    def apply_quantized(self, q: torch.Tensor, sa: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The product from the input quantized as ``input_quantization`` says (codes, per-row scales)."""
+        return linear.apply_quantized(q, sa, *self.parts[0], dtype)
 
 
 def _tensors_of(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -69,7 +75,8 @@ def load_linear(config: EngineConfig, weights: dict[str, torch.Tensor], layer: s
 
 
 class DecoderLayer:
-    """Pre-norm attention + SwiGLU MLP; the residual add is fused into the next RMSNorm."""
+    """Pre-norm attention + SwiGLU MLP; the residual add is fused into the next RMSNorm, and so is the input
+    quantization of a W8A8 q/k/v or gate/up projection."""
 
     def __init__(self, config: EngineConfig, weights: dict[str, torch.Tensor], index: int):
         m, layer = config.model, f"layers.{index}"
@@ -86,14 +93,25 @@ class DecoderLayer:
 
     def __call__(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMeta, cos_sin: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = norm.rms_norm(h, self.input_norm, self.eps, residual)
-        q = rope_kv.rope_write_kv(self.qkv(x), self.heads, self.kv_heads, meta.positions, cos_sin, k_cache, v_cache,
+        qkv, residual = self._norm_and_project(h, residual, self.input_norm, self.qkv)
+        q = rope_kv.rope_write_kv(qkv, self.heads, self.kv_heads, meta.positions, cos_sin, k_cache, v_cache,
                                   meta.slot_mapping, self.k_scale, self.v_scale)
         o = attention.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
                                       self.softmax_scale, self.k_scale, self.v_scale)
         h = self.o_proj(o.flatten(1))
-        x, residual = norm.rms_norm(h, self.post_norm, self.eps, residual)
-        return self.down(activation.silu_and_mul(self.gate_up(x))), residual
+        gate_up, residual = self._norm_and_project(h, residual, self.post_norm, self.gate_up)
+        return self.down(activation.silu_and_mul(gate_up)), residual
+
+    def _norm_and_project(self, h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                          proj: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``proj(rms_norm(h + residual))``, new residual). Where the norm runs its Triton kernel and ``proj``
+        takes 8-bit input, that kernel also quantizes the normed rows (the same codes as quantizing after it)."""
+        how = proj.input_quantization
+        if how is not None and norm.runs_triton(h, residual):
+            q, sa, residual = norm.rms_norm_quant(h, weight, self.eps, residual, *how)
+            return proj.apply_quantized(q, sa, h.dtype), residual
+        x, residual = norm.rms_norm(h, weight, self.eps, residual)
+        return proj(x), residual
 
 
 class LlamaModel:

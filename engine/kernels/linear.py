@@ -3,9 +3,10 @@
 ``pack`` runs at ``quantlab build`` and turns a checkpoint's Linear (a float weight, or a
 ``StoredLinear`` from ``quantlab.checkpoint.stream``) into a ``LinearSpec`` (saved in engine.json) and the
 tensors its kernel reads (saved in the engine's safetensors). ``apply`` computes ``y = Q_act(x) @ W^T + b``
-from them. The reference path decodes the weight with ``quantlab.formats`` and rounds the activations
-exactly as ``quantlab.fake_quant.QuantLinear`` does, so the engine and the checkpoint's simulated model
-agree.
+from them; ``apply_quantized`` does the same from ``Q_act(x)`` already made by the caller, as
+``input_quantization`` says (the RMSNorm before a W8A8 projection quantizes in its kernel). The reference
+path decodes the weight with ``quantlab.formats`` and rounds the activations exactly as
+``quantlab.fake_quant.QuantLinear`` does, so the engine and the checkpoint's simulated model agree.
 """
 
 from __future__ import annotations
@@ -165,6 +166,25 @@ def linear_ref(x: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tenso
     return F.linear(x, dequantize_weight_ref(spec, tensors, x.dtype), tensors.get("bias"))
 
 
+def input_quantization(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor | None] | None:
+    """How the layer's CUDA kernel quantizes its input, for a caller that can do it earlier (the RMSNorm before
+    it): (format, the static per-tensor scale or None for per-token scales), or None where the kernel takes
+    the input unquantized. Any 8-bit codes and scales made so go to ``apply_quantized``."""
+    static = not spec.act_dynamic and spec.act_granularity == "tensor"
+    if spec.kind in ("w8a8_fp8", "w8a8_int8") and (spec.act_granularity == "token" or static):
+        return spec.act_format, tensors["input_scale"] if static else None
+    return None
+
+
+def apply_quantized(q: torch.Tensor, sa: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tensor],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The layer's product in ``dtype`` from its input quantized as ``input_quantization`` says (codes [M, K],
+    scales [M, 1] float32); what ``apply`` computes on CUDA after quantizing the input itself."""
+    if spec.kind == "w8a8_fp8":
+        return w8a8.fp8_matmul_codes(q, sa, tensors, spec.kernel_config, dtype)
+    return w8a8.int8_matmul_codes(q, sa, tensors, spec.kernel_config, dtype)
+
+
 def apply(x: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The layer's product: the fastest kernel for ``spec`` on CUDA, the reference elsewhere."""
     if spec.kind == "dense":
@@ -175,9 +195,7 @@ def apply(x: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -
         group = spec.group_size or spec.in_features
         cfg = w4a16.config_for(spec.kernel_config, x.shape[0], spec.out_features, spec.in_features)
         return w4a16.w4a16_matmul(x, spec.weight_format, group, tensors, cfg)
-    static = not spec.act_dynamic and spec.act_granularity == "tensor"
-    if spec.kind == "w8a8_fp8" and (spec.act_granularity == "token" or static):
-        return w8a8.fp8_matmul(x, tensors, static, spec.kernel_config)
-    if spec.kind == "w8a8_int8" and (spec.act_granularity == "token" or static):
-        return w8a8.int8_matmul(x, tensors, static, spec.kernel_config)
+    how = input_quantization(spec, tensors)
+    if how is not None:
+        return apply_quantized(*w8a8.quantize_rows(x, *how), spec, tensors, x.dtype)
     return linear_ref(x, spec, tensors)

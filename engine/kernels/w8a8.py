@@ -5,7 +5,8 @@ is the column-major [K, N] operand cuBLASLt/CUTLASS want; ``weight_scale`` float
 is broadcast to every channel at build time); ``input_scale`` float32 [1] for static activations.
 
 Run time: one Triton pass per row computes the token's amax and writes its codes and scale
-(``quantize_rows``; a static scale skips the amax), then
+(``quantize_rows``; a static scale skips the amax; before q/k/v and gate/up the RMSNorm's kernel does it,
+``norm.rms_norm_quant``, through the same ``encode_row``), then the GEMM on those codes (``*_matmul_codes``):
 - FP8: ``torch._scaled_mm`` with row-wise scales (per-token x per-channel) and the bias in its epilogue, or,
   where ``tune_fp8`` measured it faster on the build's GPU (small M, where cuBLASLt's FP8 GEMM is no
   faster than a BF16 GEMV over twice the bytes), the Triton GEMM below with FP8 operands;
@@ -64,6 +65,25 @@ def _encode(v, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 
 @triton.jit
+def _token_scale(amax, QMAX: tl.constexpr, TINY: tl.constexpr):
+    """A token's scale from its amax: ``amax / qmax`` (IEEE division), a zero scale replaced by float32's tiny."""
+    scale = tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+    return tl.where(scale == 0, TINY, scale)
+
+
+@triton.jit
+def encode_row(xf, static_ptr, QMAX: tl.constexpr, TINY: tl.constexpr, IS_INT: tl.constexpr, STATIC: tl.constexpr):
+    """(codes still float32, scale) of one whole row held in registers (float32, masked lanes 0): the scale is
+    the token's (its amax) or, with ``STATIC``, the per-tensor one at ``static_ptr``. Shared by
+    ``_quantize_rows_kernel`` and the RMSNorm that quantizes its output (``norm.rms_norm_quant``)."""
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        scale = _token_scale(tl.max(tl.abs(xf), axis=0), QMAX, TINY)
+    return _encode(tl.div_rn(xf, scale), QMAX, IS_INT), scale
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl.constexpr, TINY: tl.constexpr,
                           IS_INT: tl.constexpr, STATIC: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
     """One row per program. ``ONE_PASS`` (the row fits in BLOCK): the row is read once and kept in
@@ -74,14 +94,10 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl
         offs = tl.arange(0, BLOCK)
         mask = offs < K
         xf = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if STATIC:
-            scale = tl.load(static_ptr)
-        else:
-            amax = tl.max(tl.abs(xf), axis=0)
-            scale = tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
-            scale = tl.where(scale == 0, TINY, scale)
+        codes, scale = encode_row(xf, static_ptr, QMAX, TINY, IS_INT, STATIC)
+        if not STATIC:
             tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * K + offs, _encode(tl.div_rn(xf, scale), QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + row * K + offs, codes.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         if STATIC:
             scale = tl.load(static_ptr)
@@ -90,9 +106,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_x, QMAX: tl
             for k0 in range(0, K, BLOCK):
                 offs = k0 + tl.arange(0, BLOCK)
                 amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
-            amax = tl.max(amax, axis=0)
-            scale = tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
-            scale = tl.where(scale == 0, TINY, scale)
+            scale = _token_scale(tl.max(amax, axis=0), QMAX, TINY)
             tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
@@ -119,13 +133,19 @@ def quantize_rows(x: torch.Tensor, fmt: str, static_scale: torch.Tensor | None =
 
 
 def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, configs: dict | None = None) -> torch.Tensor:
-    """FP8 W8A8 product in ``x``'s dtype: the fused activation quantization, then row-wise ``_scaled_mm`` or,
-    where ``tune_fp8`` chose it for this M bucket (``configs``), the Triton GEMM."""
+    """FP8 W8A8 product in ``x``'s dtype: the fused activation quantization, then ``fp8_matmul_codes``."""
     q, sa = quantize_rows(x, "fp8_e4m3", tensors["input_scale"] if static else None)
-    cfg = tuned_for(configs, x.shape[0]) if configs else None
+    return fp8_matmul_codes(q, sa, tensors, configs, x.dtype)
+
+
+def fp8_matmul_codes(q: torch.Tensor, sa: torch.Tensor, tensors: dict[str, torch.Tensor], configs: dict | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """FP8 W8A8 product in ``dtype`` of activations already quantized (E4M3 codes [M, K], scales [M, 1]):
+    row-wise ``_scaled_mm`` or, where ``tune_fp8`` chose it for this M bucket (``configs``), the Triton GEMM."""
+    cfg = tuned_for(configs, q.shape[0]) if configs else None
     if cfg is not None and cfg.get("path") == "triton":
-        return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, cfg)
-    return _scaled_mm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype)
+        return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype, cfg)
+    return _scaled_mm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype)
 
 
 def _scaled_mm(q, sa, w, sw, bias, dtype):
@@ -186,13 +206,18 @@ def w8a8_gemm(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tens
 
 
 def int8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, configs: dict | None = None) -> torch.Tensor:
-    """INT8 W8A8 product in ``x``'s dtype (activation quantization, GEMM and dequantization: two launches).
-
-    ``configs``: ``tune_int8``'s choices by M bucket (or one config dict), else the fixed default.
-    """
+    """INT8 W8A8 product in ``x``'s dtype (activation quantization, then ``int8_matmul_codes``: two launches)."""
     q, sa = quantize_rows(x, "int8", tensors["input_scale"] if static else None)
-    cfg = configs if configs is None or "BLOCK_M" in configs else tuned_for(configs, x.shape[0])
-    return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), x.dtype, cfg)
+    return int8_matmul_codes(q, sa, tensors, configs, x.dtype)
+
+
+def int8_matmul_codes(q: torch.Tensor, sa: torch.Tensor, tensors: dict[str, torch.Tensor], configs: dict | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """INT8 W8A8 product in ``dtype`` of activations already quantized (int8 codes [M, K], scales [M, 1]): the
+    Triton GEMM, its epilogue dequantizing. ``configs``: ``tune_int8``'s choices by M bucket (or one config
+    dict), else the fixed default."""
+    cfg = configs if configs is None or "BLOCK_M" in configs else tuned_for(configs, q.shape[0])
+    return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype, cfg)
 
 
 def w8a8_candidates(m: int) -> list[dict]:

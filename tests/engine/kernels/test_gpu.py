@@ -11,7 +11,7 @@ import torch
 
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
-from quantlab.engine.kernels import attention, linear, rope_kv, w4a16, w8a8
+from quantlab.engine.kernels import attention, linear, norm, rope_kv, w4a16, w8a8
 from quantlab.formats.fp8 import cast_saturating
 from quantlab.recipe.schema import ActivationScheme
 
@@ -44,6 +44,36 @@ def test_row_quantization_is_bit_exact_with_formats(fmt):
     q, s = w8a8.quantize_rows(x, fmt)
     ref = formats.quantize(x.float(), fmt)
     assert torch.equal(q.float(), ref.codes.float()) and torch.equal(s, ref.scale.float())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("n", [200, 4096, 8192])
+def test_norm_quant_equals_norm_then_quantize_bit_for_bit(fmt, static, n):
+    # The compiled kernels: the fused one must round and sum as rms_norm_triton, then quantize as quantize_rows.
+    x, r = (torch.randn(300, n, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(2))
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    scale = torch.tensor([0.01], device="cuda") if static else None
+    for res in (None, r):
+        q, s, h = norm.rms_norm_quant(x, w, 1e-5, res, fmt, scale)
+        normed, want_h = norm.rms_norm_triton(x, w, 1e-5, res)
+        want_q, want_s = w8a8.quantize_rows(normed, fmt, scale)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+        assert torch.equal(h, want_h)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_projection_of_norm_quant_equals_apply_after_norm(fmt):
+    # DecoderLayer's fused path against the unfused one for a packed W8A8 projection, on the default kernels.
+    q = formats.quantize(torch.randn(1008, 4096) * 0.02, fmt)
+    act = ActivationScheme(fmt, "token", True)
+    spec, t = linear.pack(StoredLinear("l", q, act, None, None, torch.randn(1008)), torch.bfloat16)
+    t = {name: v.cuda() for name, v in t.items()}
+    x, r = (torch.randn(40, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    codes, sa, _ = norm.rms_norm_quant(x, w, 1e-5, r, *linear.input_quantization(spec, t))
+    want = linear.apply(norm.rms_norm(x, w, 1e-5, r)[0], spec, t)
+    assert torch.equal(linear.apply_quantized(codes, sa, spec, t, x.dtype), want)
 
 
 @pytest.mark.parametrize("m", [1, 16, 300])
