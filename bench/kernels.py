@@ -6,7 +6,9 @@ One run does, in order (each section time-boxed, errors recorded, never fatal):
 3. W4A16 (INT4 g128 asym/sym, NVFP4, MXFP4) on the Llama-3-8B/70B linears for M = 1 .. 4096, beside BF16
    cuBLAS and torch's tinygemm (``_weight_int4pack_mm``), after ``w4a16.tune`` (the build-time tuner) on
    INT4 g128 asym for each shape, whose choices every format then uses (same kernel, other decode);
-4. W8A8 FP8/INT8 (activation quantization included; INT8 GEMM tuned per shape), attention
+   at M = 1 and 4 the split-K BF16 GEMV (``gemv``, its fastest candidate) is timed beside BF16 cuBLAS;
+4. W8A8 FP8/INT8 (activation quantization included; INT8 GEMM tuned per shape; at M <= 4 the GEMV among the
+   tuner's candidates, its time beside ``_scaled_mm``'s and the Triton GEMM's), attention
    (bench/kernels_attention.py: a config sweep, then the defaults), elementwise;
 5. gemlite: GemLite A16W4 after its own autotuning, where its source is on the path.
 
@@ -29,7 +31,7 @@ import triton
 
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
-from quantlab.engine.kernels import linear, w4a16, w8a8
+from quantlab.engine.kernels import gemv, linear, w4a16, w8a8
 from quantlab.engine.kernels.timing import graph_time_ms
 from quantlab.recipe.schema import ActivationScheme
 
@@ -134,6 +136,20 @@ def check_linear() -> list[dict]:
         ref = formats.quantize(x.float(), fmt)
         rows.append({"kernel": f"quantize_rows {fmt} bit-exact", "m": 64,
                      "ok": bool(torch.equal(q.float(), ref.codes.float()) and torch.equal(s, ref.scale.float()))})
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    wi = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+    sw = torch.rand(1, n, device="cuda") * 1e-2
+    for m in (1, 3):  # the split-K GEMV (only tuning picks it), its default candidate: split over K, masked K tail
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        poison()
+        err = rel_err(gemv.gemv(x, w, b), torch.nn.functional.linear(x.float(), w.float(), b.float()))
+        rows.append({"kernel": "gemv bf16", "m": m, "rel_err": err, "ok": err < 1e-2})
+        q, sa = w8a8.quantize_rows(x, "int8")
+        poison()
+        same = torch.equal(gemv.gemv_w8(q, sa, wi, sw, b, torch.bfloat16),
+                           w8a8.w8a8_gemm(q, sa, wi, sw, b, torch.bfloat16))
+        rows.append({"kernel": "gemv int8 bit-identical to w8a8_gemm", "m": m, "ok": bool(same)})
     return rows
 
 

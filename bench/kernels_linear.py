@@ -2,7 +2,9 @@
 
 W4A16 is tuned per shape with ``w4a16.tune`` (the build-time tuner) on INT4 g128 asym, whose choices every
 format then uses; INT8 W8A8's GEMM with ``w8a8.tune_int8``. Peers: torch's tinygemm
-(``_weight_int4pack_mm``) and GemLite (after its own autotuning, where its source is on the path).
+(``_weight_int4pack_mm``) and GemLite (after its own autotuning, where its source is on the path). At M = 1
+and 4 the split-K GEMV (``gemv``) is timed beside BF16 cuBLAS on the same weights (its fastest candidate),
+and beside ``_scaled_mm`` / the INT8 Triton GEMM through the W8A8 tuner's timings.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import traceback
 
 import torch
 
-from quantlab.engine.kernels import linear, w4a16, w8a8
+from quantlab.engine.kernels import gemv, linear, w4a16, w8a8
 from quantlab.engine.kernels.timing import copies_for
 
 from kernels import MS, SHAPES, W4_FORMATS, _on, bench, gtime, stored_w4, stored_w8
@@ -55,6 +57,17 @@ def _dense_copies(n: int, k: int) -> list[torch.Tensor]:
     return [w] + [w.clone() for _ in range(copies_for(n * k * 2) - 1)]
 
 
+def dense_gemv(x: torch.Tensor, dense: list[torch.Tensor], t_bf16: float) -> dict:
+    """The BF16 GEMV's candidates over the same weight copies as cuBLAS: the fastest, and every time."""
+    n, k = dense[0].shape
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    timed = [(gtime([lambda w=w, c=c: gemv.gemv(x, w, None, c) for w in dense]), c)
+             for c in gemv.gemv_candidates(x.shape[0], n, k, 2, sms)]
+    ms, cfg = min(timed, key=lambda tc: tc[0])
+    return {"ms": ms, "x_bf16": t_bf16 / ms, "weight_TBps": n * k * 2 / ms / 1e9, "config": cfg,
+            "candidates_ms": [t for t, _ in timed]}
+
+
 def w4a16_section(deadline: float) -> dict:
     """Tune INT4 g128 asym per shape (as ``quantlab build`` would), use its choices for every format, time."""
     rows, tuning = [], {}
@@ -79,6 +92,8 @@ def w4a16_section(deadline: float) -> dict:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16 = gtime([lambda w=w: x @ w.t() for w in dense])
             row = {"shape": name, "n": n, "k": k, "m": m, "bf16_ms": t_bf16}
+            if m in (1, 4):
+                row["bf16_gemv"] = dense_gemv(x, dense, t_bf16)
             for fmt, (spec, copies, nbytes) in packs.items():
                 if fmt != "int4_asym" and m not in (1, 16, 64, 4096):  # device time: the other formats at 4 M
                     continue
@@ -123,7 +138,9 @@ def gemlite_layer(n, k):
 
 def w8a8_section(deadline: float) -> dict:
     """FP8 and INT8 W8A8 as the engine runs them after ``quantlab build``'s tuning (INT8: Triton GEMM configs;
-    FP8: row-wise ``_scaled_mm`` or the Triton GEMM, per M bucket), activation quantization included."""
+    FP8: row-wise ``_scaled_mm`` or the Triton GEMM, per M bucket; at M <= 4 also the GEMV), activation
+    quantization included. At M <= 4 a row also has the product alone (no quantization), fastest per path,
+    from the tuner's timings."""
     rows, tuning = [], {}
     for name, (n, k) in SHAPES.items():
         if time.time() > deadline:
@@ -135,11 +152,11 @@ def w8a8_section(deadline: float) -> dict:
             t = _on(t)
             timings = []
             tune = w8a8.tune_int8 if fmt == "int8" else w8a8.tune_fp8
-            choice = tune(t, ms=(1, 1024, 4096), timings=timings)
+            choice = tune(t, ms=(1, 4, 1024, 4096), timings=timings)
             tuning[f"{name} {fmt}"] = {"choice": choice, "timings": timings}
             spec = dataclasses.replace(spec, kernel_config=choice)
             packs[fmt] = (spec, _copies(t, n * k))
-        for m in (1, 1024, 4096):
+        for m in (1, 4, 1024, 4096):
             if time.time() > deadline:
                 break
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -149,6 +166,13 @@ def w8a8_section(deadline: float) -> dict:
             for fmt, (spec, copies) in packs.items():
                 ms = gtime([lambda c=c: linear.apply(x, spec, c) for c in copies])
                 row[fmt] = {"ms": ms, "x_bf16": t_bf16 / ms}
+                if m <= gemv.MAX_M:
+                    best = {}
+                    for tm, cfg, t_ms in tuning[f"{name} {fmt}"]["timings"]:
+                        path = cfg.get("path", "triton")
+                        if tm == m and t_ms < best.get(path, float("inf")):
+                            best[path] = t_ms
+                    row[fmt]["product_ms_by_path"] = best
             if m > 16:
                 qi, si = w8a8.quantize_rows(x, "int8")
                 ti = packs["int8"][1]

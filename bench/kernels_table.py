@@ -24,7 +24,7 @@ def print_table(res: dict) -> None:
         if not isinstance(rows, list):
             print(sec, str(rows)[-1500:])
             continue
-        fmts = ("int4_asym", "int4", "nvfp4", "mxfp4") if sec == "w4a16" else ("fp8_e4m3", "int8")
+        fmts = ("int4_asym", "int4", "nvfp4", "mxfp4", "bf16_gemv") if sec == "w4a16" else ("fp8_e4m3", "int8")
         print(f"{sec}: ms (x vs bf16) [weight TB/s]")
         for r in rows:
             cells = [f"{f}={_f(r[f]['ms'])}({_f(r[f]['x_bf16'], 2)})"
@@ -32,7 +32,10 @@ def print_table(res: dict) -> None:
             extra = "".join(f" {p}={_f(r[p])}" for p in ("tinygemm_ms",
                                                          "int8_int_mm_plus_torch_epilogue_ms", "quantize_rows_ms")
                             if p in r)
-            print(f" {r['shape']:12s} M={r['m']:5d} bf16={_f(r['bf16_ms'])} " + " ".join(cells) + extra)
+            by_path = {f: {p: round(t, 4) for p, t in r[f]["product_ms_by_path"].items()} for f in fmts
+                       if f in r and "product_ms_by_path" in r[f]}
+            paths = f" product alone by path: {by_path}" if by_path else ""
+            print(f" {r['shape']:12s} M={r['m']:5d} bf16={_f(r['bf16_ms'])} " + " ".join(cells) + extra + paths)
     rows = s.get("attention")
     if isinstance(rows, dict) and "sweep" in rows:
         best = {}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
 
-from . import w4a16, w4a16_layout, w8a8
+from . import gemv, w4a16, w4a16_layout, w8a8
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class LinearSpec:
         act_format, act_granularity, act_dynamic: the input-activation scheme, or None for weight-only.
         has_bias: whether a ``bias`` tensor is stored.
         kernel_config: launch choices ``tune`` measured at build time on the target GPU, by M bucket
-            (``w4a16.tune``'s dict), or None for the fixed per-shape heuristics.
+            (``w4a16.tune``'s, ``w8a8.tune_*``'s or ``gemv.tune_dense``'s dict), or None for the fixed
+            per-shape heuristics (cuBLAS for dense).
     """
 
     kind: str
@@ -118,6 +119,8 @@ def tune(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
     The builder stores the result as ``spec.kernel_config`` (``dataclasses.replace``); ``apply`` reads it
     by M bucket and never tunes at run time. None where the layer's kernels take no choices.
     """
+    if spec.kind == "dense":
+        return gemv.tune_dense(tensors)
     if spec.kind == "w4a16":
         return w4a16.tune(spec.weight_format, spec.group_size or spec.in_features, tensors)
     if spec.kind == "w8a8_int8":
@@ -188,6 +191,8 @@ def apply_quantized(q: torch.Tensor, sa: torch.Tensor, spec: LinearSpec, tensors
 def apply(x: torch.Tensor, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The layer's product: the fastest kernel for ``spec`` on CUDA, the reference elsewhere."""
     if spec.kind == "dense":
+        if x.is_cuda and spec.kernel_config:  # the split-K GEMV where tune_dense measured it faster
+            return gemv.dense_matmul(x, tensors, spec.kernel_config)
         return F.linear(x, tensors["weight"], tensors.get("bias"))
     if not x.is_cuda:
         return linear_ref(x, spec, tensors)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .splitk import locks, sum_splits
 from .timing import copies_for, graph_time_ms, m_bucket
 from .w4a16_configs import Config, candidate_configs, config_for, heuristic_config
 
@@ -153,19 +154,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, l
     mask = mask_m[:, None] & mask_n[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
     last = pid_k >= 0  # True, as a tensor: it changes under a run-time branch below
-    if SPLIT_K > 1:
-        # Split-K without a second launch: every split stores its partial sum and counts itself in at the
-        # tile's counter (acq_rel: the store is visible before the count); the split that arrives last adds
-        # the partials (read through L2, not a stale L1) and resets the counter for the next call.
-        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
-        lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-        tl.debug_barrier()  # every thread's partial is stored before the (cumulative) release below
-        last = tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1
-        if last:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                acc += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(lock, 0)
+    if SPLIT_K > 1:  # the split that arrives last sums the partials, in this launch (splitk)
+        acc, last = sum_splits(acc, part_ptr, lock_ptr + pid_m * tl.num_programs(0) + pid_n, tile, mask, pid_k,
+                               SPLIT_K, M * N)
     if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -222,25 +213,12 @@ def w4a16_matmul(x: torch.Tensor, fmt: str, group: int, tensors: dict[str, torch
     split = triton.cdiv(k, k_chunk)
     part = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-    locks = _locks(x.device, grid[0] * grid[1]) if split > 1 else out
+    lock_buf = locks(x.device, grid[0] * grid[1]) if split > 1 else out
     _w4a16_kernel[grid](x, qw, s, tensors.get("zeros", s), tensors.get("global_scale", s),
-                        s if bias is None else bias, out, part, locks, m, n, k, k_chunk, x.stride(0), 0x4B000000,
+                        s if bias is None else bias, out, part, lock_buf, m, n, k, k_chunk, x.stride(0), 0x4B000000,
                         FMT_CODES[fmt], group, bias is not None, split, cfg.block_m, cfg.block_n, cfg.block_k,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
-
-
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _locks(device: torch.device, tiles: int) -> torch.Tensor:
-    """Split-K arrival counters, zero between calls (the last split resets its tile's): allocated once per
-    device and grown when a launch has more tiles, so CUDA-graph replays reuse the same buffer. Launches
-    that share them must not overlap, i.e. split-K W4A16 calls run on one stream per device (the engine's)."""
-    have = _LOCKS.get(device)
-    if have is None or have.numel() < tiles:
-        _LOCKS[device] = have = torch.zeros(max(tiles, 1 << 16), device=device, dtype=torch.int32)
-    return have
 
 
 def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 64, 256, 1024, 4096),

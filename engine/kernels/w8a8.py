@@ -9,8 +9,10 @@ Run time: one Triton pass per row computes the token's amax and writes its codes
 ``norm.rms_norm_quant``, through the same ``encode_row``), then the GEMM on those codes (``*_matmul_codes``):
 - FP8: ``torch._scaled_mm`` with row-wise scales (per-token x per-channel) and the bias in its epilogue, or,
   where ``tune_fp8`` measured it faster on the build's GPU (small M, where cuBLASLt's FP8 GEMM is no
-  faster than a BF16 GEMV over twice the bytes), the Triton GEMM below with FP8 operands;
-- INT8: a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (``int8_matmul``).
+  faster than a BF16 GEMV over twice the bytes), the Triton GEMM below with FP8 operands or, at M <= 4, the
+  split-K GEMV of ``gemv``;
+- INT8: a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (``int8_matmul``), or
+  at M <= 4, where ``tune_int8`` measured it faster, the GEMV (same numerics, bit-identical results).
 The rounding is ``quantlab.formats``' (scale = amax / qmax, a zero scale replaced by float32's tiny,
 FP8 round-to-nearest-even with saturation, INT8 round-half-even and clamp), and ``x / scale`` is an IEEE
 division (``tl.div_rn``; Triton's ``/`` is an approximate division on the GPU, which the H200 run of
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from quantlab.formats.spec import get_spec
 
+from . import gemv
 from .timing import copies_for, graph_time_ms, m_bucket, tuned_for
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -141,10 +144,13 @@ def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, 
 def fp8_matmul_codes(q: torch.Tensor, sa: torch.Tensor, tensors: dict[str, torch.Tensor], configs: dict | None,
                      dtype: torch.dtype) -> torch.Tensor:
     """FP8 W8A8 product in ``dtype`` of activations already quantized (E4M3 codes [M, K], scales [M, 1]):
-    row-wise ``_scaled_mm`` or, where ``tune_fp8`` chose it for this M bucket (``configs``), the Triton GEMM."""
+    row-wise ``_scaled_mm`` or, where ``tune_fp8`` chose it for this M bucket (``configs``), the Triton GEMM or
+    the GEMV."""
     cfg = tuned_for(configs, q.shape[0]) if configs else None
     if cfg is not None and cfg.get("path") == "triton":
         return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype, cfg)
+    if cfg is not None and cfg.get("path") == "gemv":
+        return gemv.gemv_w8(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype, cfg)
     return _scaled_mm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype)
 
 
@@ -214,9 +220,11 @@ def int8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool,
 def int8_matmul_codes(q: torch.Tensor, sa: torch.Tensor, tensors: dict[str, torch.Tensor], configs: dict | None,
                       dtype: torch.dtype) -> torch.Tensor:
     """INT8 W8A8 product in ``dtype`` of activations already quantized (int8 codes [M, K], scales [M, 1]): the
-    Triton GEMM, its epilogue dequantizing. ``configs``: ``tune_int8``'s choices by M bucket (or one config
-    dict), else the fixed default."""
+    Triton GEMM, its epilogue dequantizing, or at M <= 4 the GEMV where ``tune_int8`` chose it. ``configs``:
+    ``tune_int8``'s choices by M bucket (or one config dict), else the fixed default."""
     cfg = configs if configs is None or "BLOCK_M" in configs else tuned_for(configs, q.shape[0])
+    if cfg is not None and cfg.get("path") == "gemv":
+        return gemv.gemv_w8(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype, cfg)
     return w8a8_gemm(q, sa, tensors["weight"], tensors["weight_scale"], tensors.get("bias"), dtype, cfg)
 
 
@@ -232,16 +240,17 @@ def w8a8_candidates(m: int) -> list[dict]:
     return [dict(zip(keys, r)) for r in rows]
 
 
-def tune_int8(tensors: dict[str, torch.Tensor], ms=(1, 16, 256, 1024, 4096), timings: list | None = None) -> dict:
-    """Time ``w8a8_candidates`` on this GPU per M bucket (build time): {str(bucket): config}."""
+def tune_int8(tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 256, 1024, 4096), timings: list | None = None) -> dict:
+    """Time ``w8a8_candidates`` (and, at M <= ``gemv.MAX_M``, the GEMV's, stored with "path": "gemv") on this
+    GPU per M bucket (build time): {str(bucket): config}."""
     return _tune(tensors, "int8", ms, timings)
 
 
-def tune_fp8(tensors: dict[str, torch.Tensor], ms=(1, 16, 256, 1024, 4096), timings: list | None = None) -> dict:
+def tune_fp8(tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 256, 1024, 4096), timings: list | None = None) -> dict:
     """``_scaled_mm`` against the Triton GEMM's configs on this GPU per M bucket (build time):
-    {str(bucket): {"path": "scaled_mm"} or a Triton config with "path": "triton"}. A Triton config is
-    eligible only if its product agrees with ``_scaled_mm``'s on the tuning inputs (both accumulate in
-    float32; only the order of the sums differs)."""
+    {str(bucket): {"path": "scaled_mm"}, a Triton config with "path": "triton" or, at M <= ``gemv.MAX_M``, a
+    GEMV config with "path": "gemv"}. A Triton or GEMV config is eligible only if its product agrees with
+    ``_scaled_mm``'s on the tuning inputs (all accumulate in float32; only the order of the sums differs)."""
     return _tune(tensors, "fp8_e4m3", ms, timings)
 
 
@@ -260,12 +269,16 @@ def _tune(tensors: dict[str, torch.Tensor], fmt: str, ms, timings: list | None) 
             want = _scaled_mm(q, sa, copies[0], sw, None, torch.bfloat16).float()  # row-wise scales: BF16 out only
             runs = [({"path": "scaled_mm"}, lambda w: _scaled_mm(q, sa, w, sw, None, torch.bfloat16))]
             for cfg in w8a8_candidates(m):
-                try:
-                    got = w8a8_gemm(q, sa, copies[0], sw, None, torch.bfloat16, cfg).float()
-                except Exception:  # noqa: BLE001 - a config that does not compile on this GPU is not a candidate
-                    continue
-                if ((got - want).norm() <= 1e-2 * want.norm()).item():  # BF16 rounding of both outputs
-                    runs.append(({"path": "triton", **cfg}, lambda w, cfg=cfg: w8a8_gemm(q, sa, w, sw, None, torch.bfloat16, cfg)))
+                run = lambda w, cfg=cfg: w8a8_gemm(q, sa, w, sw, None, torch.bfloat16, cfg)
+                if _agrees(run, copies[0], want):
+                    runs.append(({"path": "triton", **cfg}, run))
+        if m <= gemv.MAX_M:  # the split-K GEMV, eligible where it agrees with the first candidate
+            want = runs[0][1](copies[0]).float()
+            sms = torch.cuda.get_device_properties(sw.device).multi_processor_count
+            for cfg in gemv.gemv_candidates(m, n, k, 1, sms):
+                run = lambda w, cfg=cfg: gemv.gemv_w8(q, sa, w, sw, None, torch.bfloat16, cfg)
+                if _agrees(run, copies[0], want):
+                    runs.append(({"path": "gemv", **cfg}, run))
         timed = []
         for cfg, run in runs:
             try:
@@ -277,3 +290,13 @@ def _tune(tensors: dict[str, torch.Tensor], fmt: str, ms, timings: list | None) 
                 timings.append((m, cfg, t))
         choice[str(m_bucket(m))] = min(timed, key=lambda tc: tc[0])[1]
     return choice
+
+
+def _agrees(run, w: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether ``run(w)`` compiles on this GPU and its product agrees with ``want`` (both in BF16: its rounding
+    and the order of float32 sums are the only differences allowed)."""
+    try:
+        got = run(w).float()
+    except Exception:  # noqa: BLE001 - a config that does not compile on this GPU is not a candidate
+        return False
+    return bool(((got - want).norm() <= 1e-2 * want.norm()).item())

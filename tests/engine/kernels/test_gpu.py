@@ -11,7 +11,7 @@ import torch
 
 from quantlab import formats
 from quantlab.checkpoint.stream import StoredLinear
-from quantlab.engine.kernels import attention, linear, norm, rope_kv, w4a16, w8a8
+from quantlab.engine.kernels import attention, gemv, linear, norm, rope_kv, w4a16, w8a8
 from quantlab.formats.fp8 import cast_saturating
 from quantlab.recipe.schema import ActivationScheme
 
@@ -78,16 +78,55 @@ def test_projection_of_norm_quant_equals_apply_after_norm(fmt):
 
 @pytest.mark.parametrize("m", [1, 16, 300])
 def test_fp8_tuned_choice_matches_reference(m):
-    # tune_fp8 picks _scaled_mm or the Triton GEMM per M bucket; whichever it picked must match the reference.
+    # tune_fp8 picks _scaled_mm, the Triton GEMM or (M <= 4) the GEMV per M bucket; whichever it picked must
+    # match the reference.
     q = formats.quantize(torch.randn(1008, 4096) * 0.02, "fp8_e4m3")
     act = ActivationScheme("fp8_e4m3", "token", True)
     spec, t = linear.pack(StoredLinear("l", q, act, None, None, torch.randn(1008)), torch.bfloat16)
     t = {name: v.cuda() for name, v in t.items()}
     configs = w8a8.tune_fp8(t, ms=(m,))
-    assert len(configs) == 1 and next(iter(configs.values()))["path"] in ("scaled_mm", "triton")
+    assert len(configs) == 1 and next(iter(configs.values()))["path"] in ("scaled_mm", "triton", "gemv")
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     got = w8a8.fp8_matmul(x, t, False, configs)
     assert _rel(got, linear.linear_ref(x, spec, t)) < 1e-2
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (6144, 4096)])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_every_gemv_candidate_matches_cublas_and_w8a8_gemm(n, k, m):
+    # Llama-3-8B shapes: dense within BF16 rounding of F.linear; INT8 bit-identical to w8a8_gemm (exact int32
+    # sums, same epilogue); E4M3 within float32 summation error of the exact product (not compared with the
+    # tensor-core GEMM, whose FP8 accumulation on Hopper keeps fewer bits than float32).
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    for cfg in gemv.gemv_candidates(m, n, k):
+        assert _rel(gemv.gemv(x, w, b, cfg), want) < 1e-2, cfg
+    sa, sw = torch.rand(m, 1, device="cuda") * 1e-3, torch.rand(1, n, device="cuda") * 1e-2
+    qi = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+    wi = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+    qf = (torch.randn(m, k, device="cuda") * 32).to(torch.float8_e4m3fn)
+    wf = (torch.randn(n, k, device="cuda") * 32).to(torch.float8_e4m3fn)
+    exact = (qf.double() @ wf.double().t()) * sa.double() * sw.double() + b.double()
+    for cfg in gemv.gemv_candidates(m, n, k, elem_bytes=1):
+        assert torch.equal(gemv.gemv_w8(qi, sa, wi, sw, b, torch.bfloat16, cfg),
+                           w8a8.w8a8_gemm(qi, sa, wi, sw, b, torch.bfloat16)), cfg
+        assert _rel(gemv.gemv_w8(qf, sa, wf, sw, b, torch.float32, cfg), exact) < 1e-5, cfg
+
+
+def test_dense_tuned_choice_matches_f_linear():
+    # tune_dense picks cuBLAS or the GEMV per M bucket (1, 2, 4); dense_matmul (what linear.apply runs) must
+    # match F.linear whichever it picked, and past M = 4 it is F.linear itself.
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    t = {"weight": w, "bias": torch.randn(4096, device="cuda", dtype=torch.bfloat16)}
+    configs = gemv.tune_dense(t)
+    assert set(configs) == {"1", "2", "4"} and all(c["path"] in ("cublas", "gemv") for c in configs.values())
+    for m in (1, 2, 3, 4, 9):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        want = torch.nn.functional.linear(x, w, t["bias"])
+        assert _rel(gemv.dense_matmul(x, t, configs), want) < 1e-2
+    assert torch.equal(gemv.dense_matmul(x, t, configs), want)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
