@@ -37,8 +37,9 @@ def scrape(base_url: str) -> dict[str, float]:
     return samples
 
 
-def wait_until(condition, timeout: float = 2.0, what: str = "condition") -> None:
-    """Poll `condition()` every 5 ms; fail the test with `what` if it is still false after `timeout` s."""
+def wait_until(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `condition()` every 5 ms; fail the test with `what` if it is still false after `timeout` s (generous:
+    a loaded CI machine may stall a thread for seconds, and a condition that holds returns at once)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"{what} did not hold within {timeout} s"

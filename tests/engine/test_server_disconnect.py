@@ -19,8 +19,8 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks_within_a_step():
             events = (line for line in r.iter_lines() if line.startswith("data: "))
             assert [next(events) for _ in range(3)][-1] != "data: [DONE]"
             assert llm.stats().num_blocks_free < llm.num_blocks, "a streaming request holds blocks"
-        # slack for a loaded shared CPU; the whole request would take 80 steps (1.6 s) more
-        wait_until(lambda: llm.stats().num_blocks_free == llm.num_blocks, timeout=1.0, what="blocks freed")
+        # generous for a loaded CI machine: the counters below tell an abort from a request that ran to its end
+        wait_until(lambda: llm.stats().num_blocks_free == llm.num_blocks, timeout=10, what="blocks freed")
         assert llm.num_aborted == 1 and llm.num_generated < 80, "aborted, not run to its end"
         llm.check_integrity()
         wait_until(lambda: scrape(base).get('quantlab:request_success_total{finished_reason="abort"}') == 1.0,

@@ -60,7 +60,7 @@ def test_client_leaving_returns_blocks_to_the_engine(served):
         events = (line for line in r.iter_lines() if line.startswith("data: "))
         next(events)
         assert llm.stats().num_blocks_free < llm.stats().num_blocks_total
-    wait_until(lambda: llm.stats().num_blocks_free == llm.stats().num_blocks_total, timeout=2, what="blocks returned")
+    wait_until(lambda: llm.stats().num_blocks_free == llm.stats().num_blocks_total, timeout=10, what="blocks returned")
     llm.engine.block_manager.check_integrity()
     assert scrape(url)['quantlab:request_success_total{finished_reason="abort"}'] == 1, "aborted, not run to the end"
 
