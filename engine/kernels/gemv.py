@@ -24,8 +24,6 @@ against cuBLAS at build time and stores the winner per M bucket; ``dense_matmul`
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -199,29 +197,18 @@ def tune_dense(tensors: dict[str, torch.Tensor], ms=(1, 2, 4), timings: list | N
     takes 16-bit floats).
 
     A candidate is eligible only if its product agrees with ``F.linear``'s on the tuning inputs (relative
-    error <= 1e-2: both accumulate in float32, in different orders). Speed does not depend on the weight's
-    values, so the measurement is made once per shape and dtype in a process (every layer of a model shares
-    a handful of shapes) on a random weight. ``timings``, if given, receives every (m, config, milliseconds)
-    of that measurement.
+    error <= 1e-2: both accumulate in float32, in different orders). ``timings``, if given, receives every
+    (m, config, milliseconds) measured.
     """
-    w = tensors["weight"]
+    w, bias = tensors["weight"], tensors.get("bias")
     if w.dtype not in (torch.bfloat16, torch.float16):
         return None
-    choice, measured = _tune_shape(*w.shape, w.dtype, "bias" in tensors, str(w.device), tuple(ms))
-    if timings is not None:
-        timings.extend(measured)
-    return {b: dict(c) for b, c in choice.items()}
-
-
-@functools.lru_cache(maxsize=None)
-def _tune_shape(n: int, k: int, dtype: torch.dtype, has_bias: bool, device: str, ms: tuple) -> tuple[dict, list]:
-    w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
-    bias = torch.randn(n, device=device, dtype=dtype) if has_bias else None
+    n, k = w.shape
     copies = [w] + [w.clone() for _ in range(copies_for(w.numel() * w.element_size()) - 1)]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    choice, measured = {}, []
+    sms = torch.cuda.get_device_properties(w.device).multi_processor_count
+    choice = {}
     for m in ms:
-        x = torch.randn(m, k, device=device, dtype=dtype)
+        x = torch.randn(m, k, device=w.device, dtype=w.dtype)
         want = F.linear(x, w, bias).float()
         runs = [({"path": "cublas"}, lambda c: F.linear(x, c, bias))]
         for cfg in gemv_candidates(m, n, k, w.element_size(), sms):
@@ -238,6 +225,7 @@ def _tune_shape(n: int, k: int, dtype: torch.dtype, has_bias: bool, device: str,
             except (triton.runtime.errors.OutOfResources, RuntimeError):
                 continue
             timed.append((t, cfg))
-            measured.append((m, cfg, t))
+            if timings is not None:
+                timings.append((m, cfg, t))
         choice[str(m_bucket(m))] = min(timed, key=lambda tc: tc[0])[1]
-    return choice, measured
+    return choice

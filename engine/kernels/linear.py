@@ -11,7 +11,8 @@ path decodes the weight with ``quantlab.formats`` and rounds the activations exa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +118,23 @@ def tune(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
     """Launch choices for ``spec`` measured on the current GPU (build time; tensors on that GPU).
 
     The builder stores the result as ``spec.kernel_config`` (``dataclasses.replace``); ``apply`` reads it
-    by M bucket and never tunes at run time. None where the layer's kernels take no choices.
+    by M bucket and never tunes at run time. None where the layer's kernels take no choices. Speed depends on
+    the layer's shape, formats and tensor layout, not on its values, so a layer like one already measured in
+    this process gets that measurement (a model's 4 x 32 projections have a handful of shapes): the tuning of
+    an 8B build is paid once per shape, not once per layer.
     """
+    key = (replace(spec, kernel_config=None),
+           tuple(sorted((name, t.dtype, tuple(t.shape), t.device.type) for name, t in tensors.items())))
+    if key not in _TUNED:
+        _TUNED[key] = _measure(spec, tensors)
+    config = _TUNED[key]
+    return None if config is None else copy.deepcopy(config)
+
+
+_TUNED: dict[tuple, dict | None] = {}
+
+
+def _measure(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict | None:
     if spec.kind == "dense":
         return gemv.tune_dense(tensors)
     if spec.kind == "w4a16":
