@@ -2,9 +2,7 @@
 # Wheels that the H200 machine's image lacks (it has torch, triton, transformers, aiohttp, prometheus-client,
 # numpy, pandas, pyarrow, typer ...: /work/.library/device/KINDS.md), fetched here into .whl/ for the device
 # tool to carry. Python 3.12 (the image's), manylinux x86_64; versions as this project's CPU set-up installs.
-# On the device:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-#   export PYTHONPATH=/tmp/site:$PWD
+# On the device (carry: [".whl"]): `. scripts/device_env.sh` installs them and sets PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
