@@ -1,4 +1,5 @@
-"""GPU time of a kernel call, as the build-time tuner and bench/kernels.py measure it, and M buckets.
+"""GPU time of a kernel call, as the build-time tuner and bench/kernels.py measure it, the tuners' choice of
+the fastest eligible candidate, and M buckets.
 
 Calls are captured in a CUDA graph and replayed, so the time is the GPU's (a decode step replays graphs
 too) and not Python's launch overhead, which for a 5-microsecond kernel would be most of a host-timed
@@ -11,6 +12,7 @@ from __future__ import annotations
 import statistics
 
 import torch
+import triton
 
 
 def graph_time_ms(fns, target_ms: float = 5.0, most_calls: int = 40, replays: int = 5) -> float:
@@ -70,3 +72,29 @@ def tuned_for(configs: dict | None, m: int) -> dict | None:
         return None
     buckets = sorted(int(b) for b in configs)
     return configs[str(next((b for b in buckets if b >= m_bucket(m)), buckets[-1]))]
+
+
+def agrees(run, weight, want: torch.Tensor) -> bool:
+    """Whether ``run(weight)`` compiles on this GPU and its product agrees with ``want`` to 1 % in norm (16-bit
+    outputs: their rounding and the order of float32 sums are the only differences a candidate may have)."""
+    try:
+        got = run(weight).float()
+    except Exception:  # noqa: BLE001 - a config that does not compile on this GPU is not a candidate
+        return False
+    return bool(((got - want.float()).norm() <= 1e-2 * want.float().norm()).item())
+
+
+def fastest(runs, copies, m: int, timings: list | None = None):
+    """The config of the fastest of ``runs`` ([(config, run)], ``run(copy)`` one product over one copy of the
+    weights) by ``graph_time_ms`` over ``copies``; a run that does not fit this GPU's resources is passed over.
+    ``timings``, if given, receives (m, config, milliseconds) of every run timed."""
+    timed = []
+    for cfg, run in runs:
+        try:
+            t = graph_time_ms([lambda c=c, run=run: run(c) for c in copies])
+        except (triton.runtime.errors.OutOfResources, RuntimeError):
+            continue
+        timed.append((t, cfg))
+        if timings is not None:
+            timings.append((m, cfg, t))
+    return min(timed, key=lambda tc: tc[0])[1]

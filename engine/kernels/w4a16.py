@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .splitk import locks, sum_splits
-from .timing import copies_for, graph_time_ms, m_bucket
+from .timing import copies_for, fastest, m_bucket
 from .w4a16_configs import Config, candidate_configs, config_for, heuristic_config
 
 __all__ = ["Config", "config_for", "dequantize_w4", "heuristic_config", "tune", "w4a16_matmul"]
@@ -238,14 +238,6 @@ def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 6
         if len(candidates) == 1:  # nothing to choose between
             choice[str(m_bucket(m))] = asdict(candidates[0])
             continue
-        timed = []
-        for cfg in candidates:
-            try:
-                t = graph_time_ms([lambda c=c: w4a16_matmul(x, fmt, group, c, cfg) for c in copies])
-            except (triton.runtime.errors.OutOfResources, RuntimeError):
-                continue
-            timed.append((t, cfg))
-            if timings is not None:
-                timings.append((m, asdict(cfg), t))
-        choice[str(m_bucket(m))] = asdict(min(timed, key=lambda tc: tc[0])[1])
+        runs = [(asdict(cfg), lambda c, cfg=cfg: w4a16_matmul(x, fmt, group, c, cfg)) for cfg in candidates]
+        choice[str(m_bucket(m))] = fastest(runs, copies, m, timings)
     return choice

@@ -28,7 +28,7 @@ import triton.language as tl
 from quantlab.formats.spec import get_spec
 
 from . import gemv
-from .timing import copies_for, graph_time_ms, m_bucket, tuned_for
+from .timing import agrees, copies_for, fastest, m_bucket, tuned_for
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -270,33 +270,15 @@ def _tune(tensors: dict[str, torch.Tensor], fmt: str, ms, timings: list | None) 
             runs = [({"path": "scaled_mm"}, lambda w: _scaled_mm(q, sa, w, sw, None, torch.bfloat16))]
             for cfg in w8a8_candidates(m):
                 run = lambda w, cfg=cfg: w8a8_gemm(q, sa, w, sw, None, torch.bfloat16, cfg)
-                if _agrees(run, copies[0], want):
+                if agrees(run, copies[0], want):
                     runs.append(({"path": "triton", **cfg}, run))
         if m <= gemv.MAX_M:  # the split-K GEMV, eligible where it agrees with the first candidate
             want = runs[0][1](copies[0]).float()
             sms = torch.cuda.get_device_properties(sw.device).multi_processor_count
             for cfg in gemv.gemv_candidates(m, n, k, 1, sms):
                 run = lambda w, cfg=cfg: gemv.gemv_w8(q, sa, w, sw, None, torch.bfloat16, cfg)
-                if _agrees(run, copies[0], want):
+                if agrees(run, copies[0], want):
                     runs.append(({"path": "gemv", **cfg}, run))
-        timed = []
-        for cfg, run in runs:
-            try:
-                t = graph_time_ms([lambda w=w, run=run: run(w) for w in copies])
-            except (triton.runtime.errors.OutOfResources, RuntimeError):
-                continue
-            timed.append((t, cfg))
-            if timings is not None:
-                timings.append((m, cfg, t))
-        choice[str(m_bucket(m))] = min(timed, key=lambda tc: tc[0])[1]
+        choice[str(m_bucket(m))] = fastest(runs, copies, m, timings)
     return choice
 
-
-def _agrees(run, w: torch.Tensor, want: torch.Tensor) -> bool:
-    """Whether ``run(w)`` compiles on this GPU and its product agrees with ``want`` (both in BF16: its rounding
-    and the order of float32 sums are the only differences allowed)."""
-    try:
-        got = run(w).float()
-    except Exception:  # noqa: BLE001 - a config that does not compile on this GPU is not a candidate
-        return False
-    return bool(((got - want).norm() <= 1e-2 * want.norm()).item())
