@@ -107,7 +107,8 @@ def test_recipe_checkpoint_builds_generates_and_passes_verify(setup, name, tmp_p
     engine = tmp_path / "engine"
     build_engine(str(_CHECKPOINTS[name]), engine, BuildOptions(max_batch_size=4, max_seq_len=128, max_num_tokens=256,
                                                                 device="cpu"), skip_gates=True)
-    out = LLM(engine).generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4))[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    out = LLM(engine).generate(["The capital of France is"], params)[0]
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].text
     result, _ = verify(engine, _CHECKPOINTS[name], num_prompts=4, max_tokens=8)
     assert result.within_gap >= DEFAULT_THRESHOLD, f"{name}: {result.summary()}"
