@@ -9,7 +9,8 @@ a stage whose output exists is skipped):
     ckpt:NAME                    a checkpoint of it (fp8 = W8A8 static + FP8 KV, int8, w4a16 = INT4 g128 RTN,
                                  nvfp4 = NVFP4 weights), calibrated on the GPU with a few samples
     build:NAME                   engine WORKDIR/eng-NAME (also bf16, and bf16kv8 = BF16 weights, FP8 KV)
-    decode:NAME                  batch-1 decode tok/s against the bandwidth limit of the same run
+    decode:NAME                  batch-1 decode tok/s against the bandwidth limit of the same run (bf16: and
+                                 HF generate of the source in the same process)
     offline:NAME:SHAPE[:C/C..]   `quantlab bench` offline at concurrencies C (default 1/16/64/256), SHAPE
                                  = INxOUT; bf16 at 512x128 adds the HF baseline (--baseline hf)
     kvbudget:NAME:MIB            `quantlab bench` offline at 2048x256, 128 requests, up to 128 at once, with the KV
@@ -76,7 +77,8 @@ def stage_command(stage: str, work: Path, out: Path, device: str) -> list[str] |
                      "--overwrite"] + kv
     if kind == "decode":
         (name,) = args
-        return [sys.executable, __file__, "--decode", str(work / f"eng-{name}"), "--json", str(out / f"decode-{name}.json")]
+        hf = ["--hf-source", str(work / "src")] if name == "bf16" else []  # HF generate beside it, same process
+        return [sys.executable, __file__, "--decode", str(work / f"eng-{name}"), "--json", str(out / f"decode-{name}.json")] + hf
     if kind == "offline":
         name, shape, *cs = args
         conc = [int(c) for c in (cs[0].split("/") if cs else ("1", "16", "64", "256"))]
@@ -138,11 +140,15 @@ def run_plan(plan: list[str], work: Path, out: Path, budget_s: float, device: st
     return log
 
 
-def decode(engine_dir: Path, json_path: Path, prompt_tokens: int = 128, new_tokens: int = 256) -> None:
-    """Batch-1 decode of one engine beside the bandwidth limit (copy bandwidth measured in this process)."""
+def decode(engine_dir: Path, json_path: Path, hf_source: Path | None = None, prompt_tokens: int = 128,
+           new_tokens: int = 256) -> None:
+    """Batch-1 decode of one engine beside the bandwidth limit (copy bandwidth measured in this process) and,
+    with ``hf_source``, beside transformers ``generate`` of that model in the same process afterwards."""
+    import gc
+
     import torch
 
-    from engine_speed import bytes_per_step, copy_bandwidth, engine_decode
+    from engine_speed import bytes_per_step, copy_bandwidth, engine_decode, hf_decode
 
     prompt = torch.randint(0, 1000, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     res = engine_decode(engine_dir, prompt, new_tokens)
@@ -154,6 +160,15 @@ def decode(engine_dir: Path, json_path: Path, prompt_tokens: int = 128, new_toke
                device=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                command=f"python bench/serving_h200.py --decode {engine_dir}")
     json_path.write_text(json.dumps(res, indent=1) + "\n")
+    if hf_source is not None:
+        gc.collect()  # the engine's GPU memory back before HF loads its copy of the weights
+        torch.cuda.empty_cache()
+        try:
+            res["hf_generate"] = hf_decode(hf_source, prompt, new_tokens, static=False)
+            res["engine_over_hf"] = res["decode_tok_s"] / res["hf_generate"]["decode_tok_s"]
+        except Exception as e:  # noqa: BLE001 - record why the baseline is missing, keep the engine's figures
+            res["hf_generate"] = {"error": str(e).splitlines()[0]}
+        json_path.write_text(json.dumps(res, indent=1) + "\n")
 
 
 def main() -> None:
@@ -166,6 +181,7 @@ def main() -> None:
     ap.add_argument("--write-source", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--decode", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-source", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     if args.write_source:
@@ -174,7 +190,7 @@ def main() -> None:
         write_random_llama(args.write_source, TINY_SHAPE if os.environ.get("QL_SHAPE") == "tiny" else SHAPE,
                            device=args.device)
     elif args.decode:
-        decode(args.decode, args.json)
+        decode(args.decode, args.json, args.hf_source)
     else:
         args.workdir.mkdir(parents=True, exist_ok=True)
         args.out.mkdir(parents=True, exist_ok=True)
