@@ -126,6 +126,10 @@ def kernel_table(engine: LLMEngine, steps: int, trace: Path | None, top: int = 3
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 by_name[e.name][0] += e.device_time_total
                 by_name[e.name][1] += 1
+        if not by_name:  # a torch whose event list keeps kernels only under their CPU operators
+            for e in prof.key_averages():
+                if e.self_device_time_total > 0:
+                    by_name[e.key] = [e.self_device_time_total, e.count]
     else:
         for e in prof.key_averages():
             by_name[e.key] = [e.self_cpu_time_total, e.count]
