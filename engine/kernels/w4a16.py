@@ -2,9 +2,10 @@
 
 The weight layout is ``w4a16_layout``'s (built by ``linear.pack``); launch choices are ``w4a16_configs``'.
 Kernel: ``y[m, n] = sum_k x[m, k] * w[k, n]`` with ``w`` dequantized per K-tile in registers. Small M
-(decode) uses a tensor-core form (BLOCK_M=16) or, at M=1, a GEMV form without tensor cores, both with
-split-K (partials in float32, summed by the split that finishes last, in the same launch) so a batch-1
-GEMV still spreads over every SM; larger M either runs a tiled form or dequantizes the weight once to
+(decode) uses a tensor-core form (BLOCK_M=16) or, at M = 1-4, a GEMV form without tensor cores over 1, 2 or 4
+rows a program (BLOCK_M = the rows), both with split-K (partials in float32, summed by the split that finishes
+last, in the same launch) so a batch-1 GEMV still spreads over every SM; which of the two runs at M = 2-4 is
+the tuner's choice. Larger M either runs a tiled form or dequantizes the weight once to
 ``x``'s dtype and calls cuBLAS (``Config.path == "dequant"``), whichever ``tune`` measured faster on the
 build's GPU. The reference is ``linear.linear_ref`` (``formats.dequantize`` of ``w4a16_layout.unpack_w4``).
 """
@@ -70,54 +71,89 @@ def _code(words, j: tl.constexpr, offset, FMT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_int_word_sums(words, x_ptrs, mask_r, offset, magic, S: tl.constexpr):
-    """sum_j x[k_j] * (code_j - zero point) for every word of an INT4 tile: a LOP3, an FADD and an FFMA a
-    weight (4.9 instructions a weight over the whole sm_90 loop, counted in SASS compiled offline).
+def _gemv_row(t, xsum, x_ptrs, mask_r, f, XSCALE: tl.constexpr):
+    """One row's share of a nibble: ``t += x * XSCALE * f`` over a tile of words, ``xsum += x`` (INT4's offset)."""
+    xj = tl.load(x_ptrs, mask=mask_r, other=0.0).to(tl.float32)
+    return t + (xj * XSCALE)[:, None] * f, xsum + xj
 
-    Nibble j is not shifted down: ``words & (0xF << p) | 2**23`` read as float32 is 2**23 + u * 2**p
-    exactly while the nibble sits in the 23 mantissa bits (p = 4j for j <= 4; nibbles 5-7 are taken from
-    ``words >> 12`` at p = 8, 12, 16, one shift per word), so one LOP3 and one FADD give u * 2**p, and the
-    row's activation is pre-multiplied by 2**-p (exact). No nibble but the first sits at bit 0 of its
-    source, which keeps the compiler from turning mask-after-shift back into a per-weight bit-field
-    extract. The offset (8 + zero point) comes off once per word as ``offset * sum_j x_j``; ``offset``
-    arrives as 2**23 + 8 + zero point (``_offsets``). ``magic`` is 0x4B000000 passed at run time: in a
-    register it lets and-with-mask and or-with-magic fuse into one LOP3 (an instruction takes one immediate).
+
+@triton.jit
+def _gemv_word_sums(words, x0, x1, x2, x3, mask_r, offset, magic, S: tl.constexpr, FMT: tl.constexpr,
+                    ROWS: tl.constexpr):
+    """(t0, t1, t2, t3): ``t_r = sum_j x_r[k_j] * weight_j`` before the word's scale, for every word of a tile
+    and each row r < ``ROWS`` (``x_r``: row r's activations at each word's nibble-0 k; rows >= ROWS are unused).
+    Each nibble is decoded once and multiply-added into every row's sum, so a row costs one FFMA a weight.
+
+    INT4 (a LOP3, an FADD and an FFMA a weight at one row: 4.9 instructions a weight over the whole sm_90 loop,
+    counted in SASS compiled offline): nibble j is not shifted down: ``words & (0xF << p) | 2**23`` read as
+    float32 is 2**23 + u * 2**p exactly while the nibble sits in the 23 mantissa bits (p = 4j for j <= 4;
+    nibbles 5-7 are taken from ``words >> 12`` at p = 8, 12, 16, one shift per word), so one LOP3 and one FADD
+    give u * 2**p, and each row's activation is pre-multiplied by 2**-p (exact). No nibble but the first sits
+    at bit 0 of its source, which keeps the compiler from turning mask-after-shift back into a per-weight
+    bit-field extract. The offset (8 + zero point) comes off once per word and row as ``offset * sum_j x_j``;
+    ``offset`` arrives as 2**23 + 8 + zero point (``_offsets``). ``magic`` is 0x4B000000 passed at run time:
+    in a register it lets and-with-mask and or-with-magic fuse into one LOP3 (an instruction takes one
+    immediate). E2M1 decodes through ``_code`` (its ``xsum`` is unused, so compiled away).
     """
     hi = words >> 12  # arithmetic shift: sign bits land above bit 19, which no mask below keeps
-    t = tl.zeros(words.shape, tl.float32)
-    xsum = tl.zeros((words.shape[0],), tl.float32)
+    t0 = tl.zeros(words.shape, tl.float32)
+    t1, t2, t3 = t0, t0, t0
+    xsum0 = tl.zeros((words.shape[0],), tl.float32)
+    xsum1, xsum2, xsum3 = xsum0, xsum0, xsum0
     for j in tl.static_range(8):
-        xj = tl.load(x_ptrs + j * S, mask=mask_r, other=0.0).to(tl.float32)
-        xsum += xj
-        if j <= 4:
-            f = ((words & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True) - 8388608.0
-            t += (xj * (1.0 / (1 << (4 * j))))[:, None] * f
+        if FMT <= 1:
+            if j <= 4:
+                f = ((words & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                xscale = 1.0 / (1 << (4 * j))
+            else:
+                f = ((hi & (0xF << (4 * j - 12))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                xscale = 1.0 / (1 << (4 * j - 12))
         else:
-            f = ((hi & (0xF << (4 * j - 12))) | magic).to(tl.float32, bitcast=True) - 8388608.0
-            t += (xj * (1.0 / (1 << (4 * j - 12))))[:, None] * f
-    return t - (offset - 8388608.0) * xsum[:, None]
+            f = _code(words, j, offset, FMT)
+            xscale = 1.0
+        t0, xsum0 = _gemv_row(t0, xsum0, x0 + j * S, mask_r, f, xscale)
+        if ROWS > 1:
+            t1, xsum1 = _gemv_row(t1, xsum1, x1 + j * S, mask_r, f, xscale)
+        if ROWS > 2:
+            t2, xsum2 = _gemv_row(t2, xsum2, x2 + j * S, mask_r, f, xscale)
+            t3, xsum3 = _gemv_row(t3, xsum3, x3 + j * S, mask_r, f, xscale)
+    if FMT <= 1:
+        off = offset - 8388608.0
+        t0, t1, t2, t3 = t0 - off * xsum0[:, None], t1 - off * xsum1[:, None], t2 - off * xsum2[:, None], \
+            t3 - off * xsum3[:, None]
+    return t0, t1, t2, t3
 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, K_CHUNK, stride_xm, MAGIC,
                   FMT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (N tile, M tile, K split). Each K step loads a [BLOCK_K/8, BLOCK_N] tile of words once and runs
-    eight dots, one per nibble j, against the activations of each word's nibble-j k (the reduction order
-    over K is free), so every weight byte and scale is loaded once and no tile is reshaped.
+    """One (N tile, M tile, K split). Each K step loads a [BLOCK_K/8, BLOCK_N] tile of words once and uses each
+    nibble j against the activations of each word's nibble-j k (the reduction order over K is free), so every
+    weight byte and scale is loaded once and no tile is reshaped.
 
-    BLOCK_M == 1 is the GEMV form for one row: no tensor cores (and no trip of the dequantized tile through
-    shared memory to reach them); each thread multiply-adds unscaled codes into a [BLOCK_K/8, BLOCK_N]
-    float32 sum per word, scales it once per word, and sums over K once at the end (the weights stay
-    float32, not rounded to 16 bits: within the tolerance of the reference). A 3-D form for 2-4 rows
-    compiled to more instructions per weight than the tensor-core path (SASS read offline) and was dropped."""
+    BLOCK_M >= 16 is the tensor-core form: eight dots a step, one per nibble, of the scaled weights rounded to
+    ``x``'s dtype. BLOCK_M in (1, 2, 4) is the GEMV form over that many rows: no tensor cores (and no trip of
+    the dequantized tile through shared memory to reach them); each nibble is decoded once and multiply-added,
+    unscaled, into one [BLOCK_K/8, BLOCK_N] float32 sum per row (``_gemv_word_sums``), which is scaled once per
+    word and added to that row's accumulator (acc0..acc3, written out rather than as a 3-D sum, so the tile
+    stays in the layout it is loaded in; a 3-D form compiled to more instructions a weight than the tensor-core
+    path); each is summed over K once at the end. The weights stay float32, not rounded to 16 bits (within the
+    tolerance of the reference). A row past M (M = 3 runs as 4) re-reads row M - 1 and is never stored."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_K // 8)
     mask_m, mask_n = offs_m < M, offs_n < N
-    if BLOCK_M == 1:
-        acc2 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    GEMV: tl.constexpr = BLOCK_M <= 4
+    if GEMV:
+        acc0 = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        acc1, acc2, acc3 = acc0, acc0, acc0
+        x0 = x_ptr + tl.minimum(M - 1, row0) * stride_xm
+        x1 = x_ptr + tl.minimum(M - 1, row0 + 1) * stride_xm
+        x2 = x_ptr + tl.minimum(M - 1, row0 + 2) * stride_xm
+        x3 = x_ptr + tl.minimum(M - 1, row0 + 3) * stride_xm
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_CHUNK
@@ -131,24 +167,27 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, b_ptr, out_ptr, part_ptr, l
         scale = _scales(s_ptr + g_off, g_ptr, mask_w, FMT, False)
         offset = _offsets(z_ptr + g_off, mask_w, FMT)
         kbase = (w // S) * GROUP + w % S  # k of nibble 0; nibble j is k + j * S
-        if BLOCK_M == 1 and FMT <= 1:
-            acc2 += _gemv_int_word_sums(words, x_ptr + pid_m * stride_xm + kbase, mask_r, offset, MAGIC, S) * scale
+        if GEMV:  # a word's 8 weights share its scale: scale each row's word sum once
+            t0, t1, t2, t3 = _gemv_word_sums(words, x0 + kbase, x1 + kbase, x2 + kbase, x3 + kbase, mask_r, offset,
+                                             MAGIC, S, FMT, BLOCK_M)
+            acc0 += t0 * scale
+            if BLOCK_M > 1:
+                acc1 += t1 * scale
+            if BLOCK_M > 2:
+                acc2 += t2 * scale
+                acc3 += t3 * scale
         else:
             for j in tl.static_range(8):
-                if BLOCK_M == 1:  # a word's 8 weights share its scale: scale the word's sum once
-                    xj = tl.load(x_ptr + pid_m * stride_xm + kbase + j * S, mask=mask_r, other=0.0).to(tl.float32)
-                    if j == 0:
-                        t = xj[:, None] * _code(words, j, offset, FMT)
-                    else:
-                        t += xj[:, None] * _code(words, j, offset, FMT)
-                else:
-                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kbase + j * S)[None, :],
-                                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                    acc += tl.dot(x, (_code(words, j, offset, FMT) * scale).to(x.dtype))
-            if BLOCK_M == 1:
-                acc2 += t * scale
-    if BLOCK_M == 1:
-        acc = tl.sum(acc2, axis=0)[None, :]
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kbase + j * S)[None, :],
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                acc += tl.dot(x, (_code(words, j, offset, FMT) * scale).to(x.dtype))
+    if GEMV:  # the rows' sums over K as one [BLOCK_M, BLOCK_N] tile (row 0's broadcast, then the others')
+        acc = tl.sum(acc0, axis=0)[None, :]
+        if BLOCK_M > 1:
+            acc = tl.where(offs_m[:, None] == row0 + 1, tl.sum(acc1, axis=0)[None, :], acc)
+        if BLOCK_M > 2:
+            acc = tl.where(offs_m[:, None] == row0 + 2, tl.sum(acc2, axis=0)[None, :], acc)
+            acc = tl.where(offs_m[:, None] == row0 + 3, tl.sum(acc3, axis=0)[None, :], acc)
     if FMT == 2:
         acc = acc / tl.load(g_ptr)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -221,7 +260,7 @@ def w4a16_matmul(x: torch.Tensor, fmt: str, group: int, tensors: dict[str, torch
     return out
 
 
-def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 4, 16, 64, 256, 1024, 4096),
+def tune(fmt: str, group: int, tensors: dict[str, torch.Tensor], ms=(1, 2, 4, 16, 64, 256, 1024, 4096),
          dtype: torch.dtype = torch.bfloat16, timings: list | None = None) -> dict[str, dict]:
     """Time the candidates on this GPU for each M bucket; {str(bucket): Config as dict} (build time).
 

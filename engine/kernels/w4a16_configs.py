@@ -18,7 +18,7 @@ class Config:
     """One launch configuration (what ``tune`` picks per M bucket and the engine stores)."""
 
     path: str = "triton"  # or "dequant": dequantize once, then cuBLAS
-    block_m: int = 16
+    block_m: int = 16  # 1, 2 or 4: the GEMV form over that many rows; 16 or more: the tensor-core/tiled form
     block_n: int = 64
     block_k: int = 128
     split_k: int = 1
@@ -42,14 +42,17 @@ def candidate_configs(m: int, n: int, k: int) -> list[Config]:
     Pruned by what won on the H200 (bench/results/kernels_h200*.json, 2026-12-02, six Llama-3-8B/70B
     shapes): at M = 1 the GEMV form always beat the tensor-core form, and from M = 64 on (run 3, with the
     split-K tiles among the candidates) dequantize-then-cuBLAS always beat every tiled form, so those
-    losers are no longer compiled and timed at build time.
+    losers are no longer compiled and timed at build time. At M = 2-4 the multi-row GEMV form (2 or 4 rows a
+    program; M = 3 runs as 4) is timed beside the tensor-core form.
     """
     base = heuristic_config(m, n, k)
-    if m == 1:  # the GEMV form, in tiles that compile without spills (sm_90 SASS read offline)
-        out = [Config("triton", 1, bn, 256, sp, 4, 3) for bn in (64, 32) for sp in (1, 2, 4, 8)]
-    elif m <= 16:  # the split is a run-time argument: 2 compilations cover these 8
-        out = [Config("triton", 16, bn, 256, sp, 4, 4) for bn in (64, 128) for sp in (1, 2, 4, 8)]
-    else:
+    out = []
+    if m <= 4:  # the GEMV form over 1, 2 or 4 rows, in tiles that compile without spills (sm_90 SASS read offline)
+        rows = triton.next_power_of_2(m)
+        out += [Config("triton", rows, bn, 256, sp, 4, 3) for bn in (64, 32) for sp in (1, 2, 4, 8)]
+    if 1 < m <= 16:  # the tensor-core form; the split is a run-time argument: 2 compilations cover each set of 8
+        out += [Config("triton", 16, bn, 256, sp, 4, 4) for bn in (64, 128) for sp in (1, 2, 4, 8)]
+    if m > 16:
         out = [Config("dequant")]
     return out + [base] if base not in out else out
 

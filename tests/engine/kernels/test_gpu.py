@@ -23,7 +23,7 @@ def _rel(got, want):
 
 
 @pytest.mark.parametrize("fmt,group", [("int4_asym", 128), ("int4", 32), ("nvfp4", 16), ("mxfp4", 32)])
-@pytest.mark.parametrize("m", [1, 5, 40, 1100])
+@pytest.mark.parametrize("m", [1, 3, 5, 40, 1100])
 def test_w4a16_apply_matches_reference(fmt, group, m):
     n, k = 1008, 4096 + 128
     q = formats.quantize(torch.randn(n, k, device="cuda") * 0.02, fmt,
@@ -33,9 +33,11 @@ def test_w4a16_apply_matches_reference(fmt, group, m):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = linear.linear_ref(x.float(), spec, t)
     assert _rel(linear.apply(x, spec, t), want) < 1e-2
-    if m == 1:  # the GEMV form, split over K
-        assert _rel(w4a16.w4a16_matmul(x, fmt, spec.group_size or k, t, w4a16.Config("triton", 1, 64, 256, 3, 4, 3)),
-                    want) < 1e-2
+    # The GEMV form, split over K: one row at M = 1; at M = 3, 2 rows a program (a half-used second M tile) and
+    # 4 rows a program (one row past M).
+    for rows in {1: (1,), 3: (2, 4)}.get(m, ()):
+        cfg = w4a16.Config("triton", rows, 64, 256, 3, 4, 3)
+        assert _rel(w4a16.w4a16_matmul(x, fmt, spec.group_size or k, t, cfg), want) < 1e-2
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])

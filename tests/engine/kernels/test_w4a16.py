@@ -43,13 +43,17 @@ def test_triton_dequantizer_matches_formats_bit_for_bit(w4, fmt, group):
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
-@pytest.mark.parametrize("m,split,block_m", [(1, 1, 16), (3, 4, 16), (17, 1, 16), (33, 2, 16), (1, 3, 1)])
+@pytest.mark.parametrize("m,split,block_m", [(1, 1, 16), (3, 4, 16), (17, 1, 16), (33, 2, 16), (1, 3, 1),
+                                             (2, 1, 2), (3, 3, 2), (2, 2, 4), (3, 1, 4), (4, 3, 4)])
 def test_matmul_matches_reference_on_odd_shapes(w4, fmt, group, m, split, block_m):
+    # block_m 1, 2, 4: the GEMV form over that many rows (M = 3 at 2 rows: a second, half-used M tile; at 4 rows
+    # a row past M that must be neither read out of bounds nor stored). K = 5 groups ends at a group edge inside
+    # the last 128-deep tile.
     n, k = 72, 5 * group if group >= 32 else 80
     st = _stored(fmt, group, n, k, bias=(m % 2 == 1))
     spec, tensors = linear.pack(st, torch.float16)
     x = torch.randn(m, k, dtype=torch.float16)
-    cfg = w4.Config("triton", block_m, 32, 128, split, 4, 2)  # dots of K = 128 / 8 = 16; block_m 1: GEMV
+    cfg = w4.Config("triton", block_m, 32, 128, split, 4, 2)  # dots of K = 128 / 8 = 16
     got = w4.w4a16_matmul(x, fmt, spec.group_size or k, tensors, cfg)
     want = linear.linear_ref(x.float(), spec, {k: v.float() if k == "bias" else v for k, v in tensors.items()})
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
@@ -62,6 +66,15 @@ def test_heuristic_splits_k_at_batch_one_to_fill_the_gpu(w4):
     cfg = w4.heuristic_config(1, 4096, 4096)
     assert cfg.split_k * (4096 // cfg.block_n) >= 132
     assert w4.heuristic_config(4096, 4096, 4096).path == "dequant"
+
+
+def test_candidates_offer_the_gemv_form_up_to_four_rows_and_tensor_cores_from_two(w4):
+    for m, rows in ((1, 1), (2, 2), (3, 4), (4, 4)):
+        gemv = {c.block_m for c in w4.candidate_configs(m, 4096, 4096) if c.path == "triton" and c.block_m <= 4}
+        assert gemv == {rows}
+    for m in (2, 3, 4, 16):
+        assert any(c.block_m == 16 for c in w4.candidate_configs(m, 4096, 4096))
+    assert all(c.block_m == 16 for c in w4.candidate_configs(5, 4096, 4096))
 
 
 def test_stored_config_is_used_by_m_bucket(w4):
