@@ -11,7 +11,7 @@ Run time: one Triton pass per row computes the token's amax and writes its codes
   where ``tune_fp8`` measured it faster on the build's GPU (small M, where cuBLASLt's FP8 GEMM is no
   faster than a BF16 GEMV over twice the bytes), the Triton GEMM below with FP8 operands or, at M <= 4, the
   split-K GEMV of ``gemv``;
-- INT8: a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (``int8_matmul``), or
+- INT8: a Triton int8 tensor-core GEMM whose epilogue applies both scales and the bias (``int8_matmul_codes``), or
   at M <= 4, where ``tune_int8`` measured it faster, the GEMV (same numerics, bit-identical results).
 The rounding is ``quantlab.formats``' (scale = amax / qmax, a zero scale replaced by float32's tiny,
 FP8 round-to-nearest-even with saturation, INT8 round-half-even and clamp), and ``x / scale`` is an IEEE
@@ -135,12 +135,6 @@ def quantize_rows(x: torch.Tensor, fmt: str, static_scale: torch.Tensor | None =
     return q, scales
 
 
-def fp8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, configs: dict | None = None) -> torch.Tensor:
-    """FP8 W8A8 product in ``x``'s dtype: the fused activation quantization, then ``fp8_matmul_codes``."""
-    q, sa = quantize_rows(x, "fp8_e4m3", tensors["input_scale"] if static else None)
-    return fp8_matmul_codes(q, sa, tensors, configs, x.dtype)
-
-
 def fp8_matmul_codes(q: torch.Tensor, sa: torch.Tensor, tensors: dict[str, torch.Tensor], configs: dict | None,
                      dtype: torch.dtype) -> torch.Tensor:
     """FP8 W8A8 product in ``dtype`` of activations already quantized (E4M3 codes [M, K], scales [M, 1]):
@@ -211,12 +205,6 @@ def w8a8_gemm(q: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tens
     return out
 
 
-def int8_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], static: bool, configs: dict | None = None) -> torch.Tensor:
-    """INT8 W8A8 product in ``x``'s dtype (activation quantization, then ``int8_matmul_codes``: two launches)."""
-    q, sa = quantize_rows(x, "int8", tensors["input_scale"] if static else None)
-    return int8_matmul_codes(q, sa, tensors, configs, x.dtype)
-
-
 def int8_matmul_codes(q: torch.Tensor, sa: torch.Tensor, tensors: dict[str, torch.Tensor], configs: dict | None,
                       dtype: torch.dtype) -> torch.Tensor:
     """INT8 W8A8 product in ``dtype`` of activations already quantized (int8 codes [M, K], scales [M, 1]): the
@@ -281,4 +269,3 @@ def _tune(tensors: dict[str, torch.Tensor], fmt: str, ms, timings: list | None) 
                     runs.append(({"path": "gemv", **cfg}, run))
         choice[str(m_bucket(m))] = fastest(runs, copies, m, timings)
     return choice
-

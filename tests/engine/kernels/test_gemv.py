@@ -93,9 +93,9 @@ def test_w8a8_matmul_runs_the_gemv_where_the_tuner_chose_it(gv, w8, monkeypatch)
     x = torch.randn(2, 64, dtype=torch.float16)
     cfgs = {"1": {"path": "gemv", **_cfg(1)}, "4": {"path": "gemv", **_cfg(2)}}
     want = w8.w8a8_gemm(*w8.quantize_rows(x, "int8"), q, tensors["weight_scale"], None, torch.float16)
-    assert torch.equal(w8.int8_matmul(x, tensors, False, cfgs), want)
+    assert torch.equal(w8.int8_matmul_codes(*w8.quantize_rows(x, "int8"), tensors, cfgs, x.dtype), want)
     tensors = {"weight": (q.float() / 4).to(torch.float8_e4m3fn), "weight_scale": tensors["weight_scale"]}
-    w8.fp8_matmul(x, tensors, False, cfgs)
+    w8.fp8_matmul_codes(*w8.quantize_rows(x, "fp8_e4m3"), tensors, cfgs, x.dtype)
     assert [c["SPLIT_K"] for c in calls] == [2, 2]  # the M = 2 bucket's config, both formats
 
 

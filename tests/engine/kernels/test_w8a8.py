@@ -73,13 +73,20 @@ def test_triton_gemm_matches_reference_on_odd_shapes(w8, fmt, granularity, bias,
     x = torch.randn(m, 96)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     if fmt == "int8":
-        got = w8.int8_matmul(x.half(), tensors, granularity == "tensor", cfg)
+        got = _matmul(w8, fmt, x.half(), tensors, granularity == "tensor", cfg)
     else:  # FP8 runs the Triton GEMM only where the tuner chose it for the M bucket
-        got = w8.fp8_matmul(x.half(), tensors, granularity == "tensor", {"1": {"path": "triton", **cfg}})
+        got = _matmul(w8, fmt, x.half(), tensors, granularity == "tensor", {"1": {"path": "triton", **cfg}})
     want = linear.linear_ref(x.half().float(), spec, tensors)
     # INT8 accumulates exactly and E4M3 products are exact in float32: the only differences are the order of
     # the float sums, the float16 output rounding and the order of the scales.
     torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def _matmul(w8, fmt, x, tensors, static, configs):
+    """What ``linear.apply`` runs on CUDA for a W8A8 layer: the row quantization, then the product on its codes."""
+    q, sa = w8.quantize_rows(x, fmt, tensors["input_scale"] if static else None)
+    codes = w8.int8_matmul_codes if fmt == "int8" else w8.fp8_matmul_codes
+    return codes(q, sa, tensors, configs, x.dtype)
 
 
 def _bits(t):
@@ -122,8 +129,7 @@ def test_projection_of_norm_quant_equals_projection_after_norm(w8, fused, fmt, g
     w = torch.rand(200, dtype=torch.float16) + 0.5
     q, sa, _ = norm.rms_norm_quant(x, w, 1e-5, r, *lin.input_quantization(spec, tensors))
     got = lin.apply_quantized(q, sa, spec, tensors, x.dtype)
-    matmul = w8.int8_matmul if fmt == "int8" else w8.fp8_matmul
-    want = matmul(norm.rms_norm_triton(x, w, 1e-5, r)[0], tensors, granularity == "tensor", spec.kernel_config)
+    want = _matmul(w8, fmt, norm.rms_norm_triton(x, w, 1e-5, r)[0], tensors, granularity == "tensor", spec.kernel_config)
     assert torch.equal(got, want)
 
 
